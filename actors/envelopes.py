@@ -1,0 +1,65 @@
+"""The few Thespian-level messages (pickled by Thespian) that carry batches and control.
+
+Thespian dispatches `receiveMsg_<ClassName>`, so these class names are unique in the
+service. The commands themselves travel inside `payload` as one msgpack blob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ShardBatch:
+    batch_id: int
+    payload: bytes  # actors.messages.encode_batch(...)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardBatchResult:
+    batch_id: int
+    payload: bytes  # actors.messages.encode_replies(...)
+    shard_id: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class ShardConfigure:
+    shard_id: int
+    shard_count: int
+    dsn: str
+    passivate_after: float = 600.0
+    timer_granularity: float = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStatus:
+    shard_id: int
+    ready: bool
+    error: str = ""
+    resident_stocks: int = 0
+    pending_timers: int = 0
+    batches: int = 0
+    commands: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStatusRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterShards:
+    """Launcher -> registrar: the configured shards, by shard id."""
+
+    addresses: tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMapRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMap:
+    shard_count: int
+    addresses: tuple[object, ...] = field(default_factory=tuple)

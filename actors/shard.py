@@ -1,0 +1,385 @@
+"""A shard: one Thespian actor (one OS process) hosting many stock entities.
+
+Why entities and not one Thespian actor per stock: a multiprocess Thespian actor costs
+an OS process (~5 MB, ~1,000 fds); a stock entity costs a few hundred bytes. The entity
+(a `StockState` plus the pure `decide`/`apply`) does not know it is hosted here.
+
+For each `ShardBatch` the shard, in this order:
+1. adds an `ExpireReservation` for every timer that is due (timers never decide alone:
+   the core also expires overdue lines whenever a stock is touched);
+2. activates the missing variants (all their warehouses) from Postgres in one query;
+3. looks up what the store remembers of reservations and idempotency keys it must answer;
+4. runs `decide` for each command in arrival order on per-batch working copies;
+5. commits every row of the batch in one transaction (`ShardStore.commit`);
+6. only then swaps in the new states and replies. A failed commit leaves the old states
+   and answers every command of the batch `unavailable` (retryable).
+
+Blocking inside the actor is deliberate (Thespian's manual allows it): asyncpg runs on a
+private event loop with `run_until_complete`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import heapq
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+from thespian.actors import ActorExitRequest, ActorTypeDispatcher, WakeupMessage
+
+from actors.envelopes import (
+    ShardBatch,
+    ShardBatchResult,
+    ShardConfigure,
+    ShardStatus,
+    ShardStatusRequest,
+)
+from actors.messages import (
+    AbortReservation,
+    Command,
+    ConfirmReservation,
+    Event,
+    ExpireReservation,
+    ReadStock,
+    ReceiveTransfer,
+    RecordMovement,
+    Rejected,
+    ReleaseReservation,
+    Reply,
+    ReserveStock,
+    SetStockPolicy,
+    SetWarehouseActive,
+    ShipReservation,
+    ShipTransfer,
+    StockKey,
+    StockReserved,
+    decode_batch,
+    encode_replies,
+)
+from actors.stock import PriorReservation, StockState, apply, decide, recompute_next_expiry
+from persistence.store import BatchWrite, ShardLockHeld, ShardStore, StaleVersion, build_write
+
+log = logging.getLogger("inventory.shard")
+
+VariantKey = tuple[str, str]
+_reply_codec = msgspec.msgpack
+
+
+def variants_of(cmd: Command) -> tuple[str, ...]:
+    if isinstance(cmd, ReserveStock):
+        return tuple(sorted({ln.variant_id for ln in cmd.lines}))
+    if isinstance(cmd, (ReleaseReservation, ConfirmReservation, AbortReservation, ShipReservation)):
+        return tuple(cmd.variant_ids)
+    if isinstance(cmd, SetWarehouseActive):
+        return ()
+    return (cmd.variant_id,)
+
+
+def idempotency_key(cmd: Command) -> str:
+    if isinstance(cmd, RecordMovement) and cmd.idempotency_key:
+        return "movement:" + cmd.idempotency_key
+    if isinstance(cmd, ShipTransfer):
+        return "transfer-out:" + cmd.transfer_id
+    if isinstance(cmd, ReceiveTransfer):
+        return "transfer-in:" + cmd.transfer_id
+    return ""
+
+
+class TimerHeap:
+    """One heap of (expires_at, org, variant, reservation_id) for the whole shard."""
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[float, str, str, str]] = []
+
+    def push(self, expires_at: float, org: str, variant: str, rid: str) -> None:
+        heapq.heappush(self.heap, (expires_at, org, variant, rid))
+
+    def pop_due(self, now: float) -> list[tuple[float, str, str, str]]:
+        due = []
+        while self.heap and self.heap[0][0] <= now:
+            due.append(heapq.heappop(self.heap))
+        return due
+
+    def earliest(self) -> float | None:
+        return self.heap[0][0] if self.heap else None
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+
+class ShardCore:
+    """Everything a shard does, without Thespian: testable with a plain event loop."""
+
+    def __init__(self, cfg: ShardConfigure) -> None:
+        self.cfg = cfg
+        self.store = ShardStore(cfg.dsn, cfg.shard_id, cfg.shard_count)
+        self.stocks: dict[VariantKey, dict[str, StockState]] = {}
+        self.last_used: dict[VariantKey, float] = {}
+        self.timers = TimerHeap()
+        self.batches = 0
+        self.commands = 0
+        self._next_passivation = 0.0
+        self._loaded_since_freeze = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Connect, take the shard lock, re-arm the timers of every open reservation."""
+        await self.store.connect()
+        self.stocks.clear()
+        self.timers = TimerHeap()
+        for expires_at, org, variant, rid in await self.store.load_due():
+            self.timers.push(expires_at, org, variant, rid)
+        log.info("shard %s ready: %d open reservation timers", self.cfg.shard_id, len(self.timers))
+
+    async def ensure_started(self) -> None:
+        if not self.store.healthy:
+            await self.start()
+
+    async def stop(self) -> None:
+        await self.store.close()
+
+    # ------------------------------------------------------------ the batch
+
+    async def process(self, commands: list[Command], now: float) -> list[Reply]:
+        try:
+            await self.ensure_started()
+        except ShardLockHeld as e:
+            return [Rejected("unavailable", str(e))] * len(commands)
+        except Exception as e:  # Postgres down: fail fast, retry on the next batch
+            log.warning("shard %s cannot reach Postgres: %s", self.cfg.shard_id, e)
+            await self.store.close()
+            return [Rejected("unavailable", "database unavailable")] * len(commands)
+
+        due = self.timers.pop_due(now)
+        expiring = {(org, variant): rid for _, org, variant, rid in due}
+        internal: list[Command] = [ExpireReservation(org, rid, variant) for (org, variant), rid in expiring.items()]
+        try:
+            replies = await self._run(internal + commands, now)
+        except Exception as e:
+            for entry in due:
+                self.timers.push(*entry)
+            if isinstance(e, StaleVersion):
+                log.error("shard %s lost ownership of its keys: %s", self.cfg.shard_id, e)
+            else:
+                log.warning("shard %s batch failed: %s", self.cfg.shard_id, e)
+            # Whatever happened, memory may now disagree with Postgres: start clean.
+            await self.store.close()
+            self.stocks.clear()
+            return [Rejected("unavailable", "the change could not be committed; retry")] * len(commands)
+        self.batches += 1
+        self.commands += len(commands)
+        self._maybe_passivate(now)
+        return replies[len(internal):]
+
+    async def _run(self, commands: list[Command], now: float) -> list[Reply]:
+        await self._activate(commands, now)
+        priors = await self._priors(commands)
+        stored = await self._stored_replies(commands)
+
+        working: dict[StockKey, StockState] = {}
+        before: dict[StockKey, StockState | None] = {}
+        created: dict[VariantKey, list[StockKey]] = {}
+        events: list[tuple[StockKey, Event]] = []
+        replies: list[Reply] = []
+        reply_rows: list[tuple[str, str, bytes]] = []
+        for cmd in commands:
+            if isinstance(cmd, SetWarehouseActive):
+                replies.append(self._set_warehouse_active(cmd))
+                continue
+            ikey = idempotency_key(cmd)
+            if ikey and (cmd.organization_id, ikey) in stored:
+                replies.append(stored[(cmd.organization_id, ikey)])
+                continue
+            view = self._view(cmd, working, created)
+            prior = priors.get((cmd.organization_id, cmd.reservation_id)) if isinstance(cmd, ReserveStock) else None
+            decision = decide(view, cmd, now, prior)
+            for key, event in decision.events:
+                state = working.get(key)
+                if state is None:
+                    committed = self.stocks.get((key[0], key[1]), {}).get(key[2])
+                    before[key] = committed
+                    state = committed.copy() if committed is not None else StockState(*key)
+                    working[key] = state
+                    if committed is None:
+                        created.setdefault((key[0], key[1]), []).append(key)
+                apply(state, event)
+            events.extend(decision.events)
+            replies.append(decision.reply)
+            if ikey and not isinstance(decision.reply, Rejected):
+                stored[(cmd.organization_id, ikey)] = decision.reply
+                reply_rows.append((cmd.organization_id, ikey, _reply_codec.encode(decision.reply)))
+
+        write: BatchWrite = build_write(now, events, before, working, reply_rows)
+        if write:
+            await self.store.commit(write)
+        self._swap_in(working, events)
+        return replies
+
+    def _view(self, cmd: Command, working: dict[StockKey, StockState],
+              created: dict[VariantKey, list[StockKey]]) -> dict[StockKey, StockState]:
+        org = cmd.organization_id
+        view: dict[StockKey, StockState] = {}
+        for variant in variants_of(cmd):
+            for wh, state in self.stocks.get((org, variant), {}).items():
+                key = (org, variant, wh)
+                view[key] = working.get(key, state)
+            for key in created.get((org, variant), ()):
+                view[key] = working[key]
+        return view
+
+    def _swap_in(self, working: dict[StockKey, StockState], events: list[tuple[StockKey, Event]]) -> None:
+        for key, state in working.items():
+            if state.next_expiry != float("inf") and len(state.lines) < 64:
+                recompute_next_expiry(state)
+            self.stocks.setdefault((key[0], key[1]), {})[key[2]] = state
+        for key, event in events:
+            if isinstance(event, StockReserved):
+                self.timers.push(event.expires_at, key[0], key[1], event.reservation_id)
+
+    async def _activate(self, commands: list[Command], now: float) -> None:
+        need: dict[VariantKey, None] = {}
+        for cmd in commands:
+            for variant in variants_of(cmd):
+                vk = (cmd.organization_id, variant)
+                self.last_used[vk] = now
+                if vk not in self.stocks:
+                    need[vk] = None
+        if not need:
+            return
+        loaded = await self.store.load_variants(list(need))
+        for vk in need:
+            self.stocks[vk] = {}
+        for state in loaded:
+            self.stocks[(state.organization_id, state.variant_id)][state.warehouse_id] = state
+            for line in state.lines.values():
+                if not line.confirmed:
+                    self.timers.push(line.expires_at, state.organization_id, state.variant_id, line.reservation_id)
+        self._loaded_since_freeze += len(loaded)
+        if self._loaded_since_freeze > 20_000:
+            gc.collect()
+            gc.freeze()  # long-lived entities: keep them out of every future collection
+            self._loaded_since_freeze = 0
+
+    async def _priors(self, commands: list[Command]) -> dict[tuple[str, str], PriorReservation]:
+        wanted = []
+        for cmd in commands:
+            if not isinstance(cmd, ReserveStock):
+                continue
+            open_here = any(
+                cmd.reservation_id in state.lines
+                for variant in variants_of(cmd)
+                for state in self.stocks.get((cmd.organization_id, variant), {}).values()
+            )
+            if not open_here:
+                wanted.append((cmd.organization_id, cmd.reservation_id))
+        return await self.store.load_priors(wanted)
+
+    async def _stored_replies(self, commands: list[Command]) -> dict[tuple[str, str], Reply]:
+        keys = [(cmd.organization_id, k) for cmd in commands if (k := idempotency_key(cmd))]
+        raw = await self.store.load_replies(keys)
+        return {k: _reply_codec.decode(v, type=Reply) for k, v in raw.items()}  # type: ignore[arg-type]
+
+    def _set_warehouse_active(self, cmd: SetWarehouseActive) -> Reply:
+        from actors.messages import DoneResult
+
+        changed = False
+        for (org, _), by_wh in self.stocks.items():
+            state = by_wh.get(cmd.warehouse_id) if org == cmd.organization_id else None
+            if state is not None and state.warehouse_active != cmd.active:
+                state.warehouse_active = cmd.active
+                changed = True
+        return DoneResult(changed=changed)
+
+    def _maybe_passivate(self, now: float) -> None:
+        """Drop variants idle for `passivate_after` whose lines have no TTL pending."""
+        if now < self._next_passivation:
+            return
+        self._next_passivation = now + max(self.cfg.passivate_after / 10, 1.0)
+        cutoff = now - self.cfg.passivate_after
+        for vk in [vk for vk, t in self.last_used.items() if t < cutoff]:
+            by_wh = self.stocks.get(vk, {})
+            if any(not ln.confirmed for s in by_wh.values() for ln in s.lines.values()):
+                continue
+            self.stocks.pop(vk, None)
+            self.last_used.pop(vk, None)
+
+    def status(self) -> ShardStatus:
+        return ShardStatus(
+            shard_id=self.cfg.shard_id, ready=self.store.healthy,
+            resident_stocks=sum(len(v) for v in self.stocks.values()),
+            pending_timers=len(self.timers), batches=self.batches, commands=self.commands,
+        )
+
+
+class StockShard(ActorTypeDispatcher):
+    """The Thespian actor around a `ShardCore`; one wakeup pending at most, for the earliest timer."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.core: ShardCore | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.armed_at = 0.0
+
+    def receiveMsg_ShardConfigure(self, msg: ShardConfigure, sender: Any) -> None:
+        gc.set_threshold(50_000, 50, 100)
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        if self.core is not None:
+            self.loop.run_until_complete(self.core.stop())
+        self.core = ShardCore(msg)
+        try:
+            self.loop.run_until_complete(self.core.start())
+            self.send(sender, self.core.status())
+        except Exception as e:
+            log.error("shard %s failed to start: %s", msg.shard_id, e)
+            self.send(sender, ShardStatus(msg.shard_id, False, f"{type(e).__name__}: {e}"))
+        self._arm()
+
+    def receiveMsg_ShardBatch(self, msg: ShardBatch, sender: Any) -> None:
+        if self.core is None or self.loop is None:
+            replies: list[Reply] = [Rejected("unavailable", "shard not configured")] * len(decode_batch(msg.payload))
+        else:
+            replies = self.loop.run_until_complete(self.core.process(decode_batch(msg.payload), time.time()))
+        self.send(sender, ShardBatchResult(msg.batch_id, encode_replies(replies),
+                                           self.core.cfg.shard_id if self.core else -1))
+        self._arm()
+
+    def receiveMsg_ShardStatusRequest(self, msg: ShardStatusRequest, sender: Any) -> None:
+        self.send(sender, self.core.status() if self.core else ShardStatus(-1, False, "not configured"))
+
+    def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
+        now = time.time()
+        if now >= self.armed_at - 0.001:
+            self.armed_at = 0.0
+        if self.core is not None and self.loop is not None:
+            self.loop.run_until_complete(self.core.process([], now))
+        self._arm()
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
+        if self.core is not None and self.loop is not None:
+            self.loop.run_until_complete(self.core.stop())
+            self.loop.close()
+            self.loop = None
+
+    def _arm(self) -> None:
+        """Keep one wakeup pending for the earliest timer; re-arm only when it moves earlier."""
+        if self.core is None:
+            return
+        earliest = self.core.timers.earliest()
+        if earliest is None:
+            return
+        now = time.time()
+        if self.armed_at and self.armed_at < now - 0.5:
+            self.armed_at = 0.0  # that wakeup was lost (Thespian TCP stall): arm afresh
+        granularity = self.core.cfg.timer_granularity
+        target = max(earliest, now + granularity)
+        if self.armed_at and self.armed_at <= target + granularity:
+            return
+        self.armed_at = target
+        # Never a sub-millisecond delay: Thespian's TCP base can drop it from select().
+        self.wakeupAfter(timedelta(seconds=max(target - now, granularity)))

@@ -1,0 +1,633 @@
+"""The stock actor's pure core: `decide` what a command means, `evolve` the state by an event.
+
+Rules of this file (after h11 and Akka persistence):
+
+* No I/O, clock, uuid or logging. `now` and every id come in with the command.
+* `decide(states, command, now)` never mutates; it returns a `Decision` with the events
+  to persist and the reply to send once they are durable. A business rejection
+  (insufficient stock, unknown reservation) is a `Rejected` reply, never an exception.
+* `evolve(state, event)` only applies a fact; it never refuses one. `apply` is the same
+  transition done in place, which the shard uses on its per-batch working copies so a
+  hot stock with thousands of open reservations is not copied once per command.
+* A reservation line past its `expires_at` is never counted as reserved by a decision:
+  any command that touches a stock first expires its overdue lines (events included),
+  whether or not a timer fired.
+* Threshold events (low_level, reorder_needed, depleted) are emitted on the *crossing*:
+  when the condition goes from false to true within one decision. Recovery re-arms them.
+
+`states` given to `decide` must hold every resident stock of the variants the command
+names (the shard activates them first); a key absent from it has no stock record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from actors.messages import (
+    MOVEMENT_KINDS,
+    AbortReservation,
+    Command,
+    ConfirmReservation,
+    DoneResult,
+    Event,
+    ExpireReservation,
+    PolicyChanged,
+    ReadStock,
+    ReceiveTransfer,
+    RecordMovement,
+    Rejected,
+    ReleaseReservation,
+    Reply,
+    ReservationAborted,
+    ReservationConfirmed,
+    ReservationExpired,
+    ReservationReleased,
+    ReservationResult,
+    ReservationShipped,
+    ReservedLine,
+    ReserveStock,
+    SetStockPolicy,
+    SetWarehouseActive,
+    ShipReservation,
+    ShipTransfer,
+    Shortage,
+    StockCreated,
+    StockKey,
+    StockLevel,
+    StockLevelsResult,
+    StockMoved,
+    StockReserved,
+    ThresholdCrossed,
+)
+
+NO_EXPIRY = math.inf
+MAX_QUANTITY = 2**31 - 1
+
+
+class Line(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """One open reservation line of a stock. `expires_at == 0.0` means confirmed (no TTL)."""
+
+    reservation_id: str
+    order_id: str
+    quantity: int
+    expires_at: float
+    items_hash: str
+
+    @property
+    def confirmed(self) -> bool:
+        return self.expires_at == 0.0
+
+
+class StockState(msgspec.Struct):
+    """The state of one (organization, variant, warehouse) stock."""
+
+    organization_id: str
+    variant_id: str
+    warehouse_id: str
+    on_hand: int = 0
+    reserved: int = 0
+    in_transit: int = 0
+    min_stock: int = 0
+    max_stock: int = 0
+    reorder_point: int = 0
+    status: str = "active"
+    warehouse_active: bool = True
+    version: int = 0
+    lines: dict[str, Line] = msgspec.field(default_factory=dict)
+    next_expiry: float = NO_EXPIRY
+    """A lower bound of the earliest unconfirmed `expires_at`: no line is overdue before it."""
+
+    @property
+    def key(self) -> StockKey:
+        return (self.organization_id, self.variant_id, self.warehouse_id)
+
+    @property
+    def available(self) -> int:
+        return self.on_hand - self.reserved
+
+    @property
+    def usable(self) -> bool:
+        return self.status == "active" and self.warehouse_active
+
+    def copy(self) -> StockState:
+        return msgspec.structs.replace(self, lines=dict(self.lines))
+
+
+class PriorReservation(msgspec.Struct, frozen=True, gc=False):
+    """What the store remembers of a reservation that is no longer open in this shard."""
+
+    status: str  # released | expired | shipped
+    items_hash: str
+    expires_at: float
+    lines: tuple[ReservedLine, ...]
+
+
+class Decision(msgspec.Struct, frozen=True, gc=False):
+    events: list[tuple[StockKey, Event]]
+    reply: Reply
+
+
+# ---------------------------------------------------------------- evolve
+
+
+def apply(state: StockState, event: Event) -> None:
+    """Apply one event to `state` in place (the shard's working copy)."""
+    if isinstance(event, ThresholdCrossed):
+        return
+    state.version += 1
+    if isinstance(event, StockReserved):
+        state.lines[event.reservation_id] = Line(
+            event.reservation_id, event.order_id, event.quantity, event.expires_at, event.items_hash
+        )
+        state.reserved += event.quantity
+        state.next_expiry = min(state.next_expiry, event.expires_at)
+    elif isinstance(event, (ReservationReleased, ReservationExpired, ReservationAborted)):
+        state.lines.pop(event.reservation_id, None)
+        state.reserved -= event.quantity
+    elif isinstance(event, ReservationShipped):
+        state.lines.pop(event.reservation_id, None)
+        state.reserved -= event.quantity
+        state.on_hand -= event.quantity
+    elif isinstance(event, ReservationConfirmed):
+        line = state.lines[event.reservation_id]
+        state.lines[event.reservation_id] = msgspec.structs.replace(line, expires_at=0.0)
+    elif isinstance(event, StockMoved):
+        state.on_hand += event.on_hand_delta
+        state.in_transit += event.in_transit_delta
+    elif isinstance(event, (PolicyChanged, StockCreated)):
+        state.min_stock = event.min_stock
+        state.max_stock = event.max_stock
+        state.reorder_point = event.reorder_point
+
+
+def evolve(state: StockState, event: Event) -> StockState:
+    """The pure transition: a new state, `state` untouched."""
+    new = state.copy()
+    apply(new, event)
+    return new
+
+
+def replay(initial: StockState, events: Iterable[Event]) -> StockState:
+    state = initial.copy()
+    for event in events:
+        apply(state, event)
+    return state
+
+
+def recompute_next_expiry(state: StockState) -> None:
+    """Tighten the lower bound after lines were removed (optional; the bound stays safe)."""
+    state.next_expiry = min(
+        (line.expires_at for line in state.lines.values() if not line.confirmed), default=NO_EXPIRY
+    )
+
+
+def level(state: StockState) -> StockLevel:
+    return StockLevel(
+        organization_id=state.organization_id,
+        variant_id=state.variant_id,
+        warehouse_id=state.warehouse_id,
+        on_hand=state.on_hand,
+        reserved=state.reserved,
+        available=state.available,
+        in_transit=state.in_transit,
+        min_stock=state.min_stock,
+        max_stock=state.max_stock,
+        reorder_point=state.reorder_point,
+        status=state.status,
+        version=state.version,
+        warehouse_active=state.warehouse_active,
+    )
+
+
+# ---------------------------------------------------------------- choosing a warehouse
+
+
+@dataclass(frozen=True)
+class Choice:
+    warehouse_id: str
+    available: int
+    sufficient: bool
+
+
+def choose_warehouse(
+    candidates: Sequence[tuple[str, int]], quantity: int, preferred_warehouse_id: str = ""
+) -> Choice:
+    """Pick the warehouse for `quantity` among usable (warehouse_id, available) pairs.
+
+    The preferred warehouse if it alone covers the quantity; else the one with the most
+    available that covers it; else insufficient, naming the largest single warehouse.
+    Ties break on warehouse_id so the answer is deterministic.
+    """
+    for wid, avail in candidates:
+        if wid == preferred_warehouse_id and avail >= quantity:
+            return Choice(wid, avail, True)
+    best: tuple[str, int] | None = None
+    for wid, avail in candidates:
+        if best is None or avail > best[1] or (avail == best[1] and wid < best[0]):
+            best = (wid, avail)
+    if best is None:
+        return Choice("", 0, False)
+    return Choice(best[0], max(best[1], 0), best[1] >= quantity)
+
+
+# ---------------------------------------------------------------- decide
+
+
+@dataclass
+class _Work:
+    """Bookkeeping of one decision: the events so far and their effect, without copying states."""
+
+    states: Mapping[StockKey, StockState]
+    now: float
+    events: list[tuple[StockKey, Event]] = field(default_factory=list)
+    created: dict[StockKey, StockState] = field(default_factory=dict)
+    touched: dict[StockKey, None] = field(default_factory=dict)
+    d_on_hand: dict[StockKey, int] = field(default_factory=dict)
+    d_reserved: dict[StockKey, int] = field(default_factory=dict)
+    d_in_transit: dict[StockKey, int] = field(default_factory=dict)
+    d_version: dict[StockKey, int] = field(default_factory=dict)
+    policy: dict[StockKey, tuple[int, int, int]] = field(default_factory=dict)
+    closed: set[tuple[StockKey, str]] = field(default_factory=set)
+    confirmed: set[tuple[StockKey, str]] = field(default_factory=set)
+    expired_now: set[str] = field(default_factory=set)
+
+    def base(self, key: StockKey) -> StockState | None:
+        return self.states.get(key) or self.created.get(key)
+
+    def touch(self, key: StockKey) -> StockState | None:
+        """Mark `key` as part of this decision and expire its overdue lines first."""
+        state = self.base(key)
+        if state is None or key in self.touched:
+            return state
+        self.touched[key] = None
+        if self.now >= state.next_expiry:
+            overdue = [ln for ln in state.lines.values() if not ln.confirmed and ln.expires_at <= self.now]
+            for ln in sorted(overdue, key=lambda x: (x.expires_at, x.reservation_id)):
+                self.emit(key, ReservationExpired(ln.reservation_id, ln.order_id, ln.quantity, ln.expires_at))
+                self.expired_now.add(ln.reservation_id)
+        return state
+
+    def emit(self, key: StockKey, event: Event) -> None:
+        self.events.append((key, event))
+        if isinstance(event, ThresholdCrossed):
+            return
+        self.d_version[key] = self.d_version.get(key, 0) + 1
+        if isinstance(event, StockReserved):
+            self._add(self.d_reserved, key, event.quantity)
+        elif isinstance(event, (ReservationReleased, ReservationExpired, ReservationAborted)):
+            self._add(self.d_reserved, key, -event.quantity)
+            self.closed.add((key, event.reservation_id))
+        elif isinstance(event, ReservationShipped):
+            self._add(self.d_reserved, key, -event.quantity)
+            self._add(self.d_on_hand, key, -event.quantity)
+            self.closed.add((key, event.reservation_id))
+        elif isinstance(event, ReservationConfirmed):
+            self.confirmed.add((key, event.reservation_id))
+        elif isinstance(event, StockMoved):
+            self._add(self.d_on_hand, key, event.on_hand_delta)
+            self._add(self.d_in_transit, key, event.in_transit_delta)
+        elif isinstance(event, (PolicyChanged, StockCreated)):
+            self.policy[key] = (event.min_stock, event.max_stock, event.reorder_point)
+
+    @staticmethod
+    def _add(d: dict[StockKey, int], key: StockKey, v: int) -> None:
+        d[key] = d.get(key, 0) + v
+
+    def create(self, key: StockKey, event: StockCreated) -> None:
+        self.created[key] = StockState(key[0], key[1], key[2])
+        self.touched[key] = None
+        self.emit(key, event)
+
+    def line(self, key: StockKey, reservation_id: str) -> Line | None:
+        state = self.base(key)
+        if state is None or (key, reservation_id) in self.closed:
+            return None
+        return state.lines.get(reservation_id)
+
+    def on_hand(self, key: StockKey) -> int:
+        state = self.base(key)
+        return (state.on_hand if state else 0) + self.d_on_hand.get(key, 0)
+
+    def reserved(self, key: StockKey) -> int:
+        state = self.base(key)
+        return (state.reserved if state else 0) + self.d_reserved.get(key, 0)
+
+    def available(self, key: StockKey) -> int:
+        return self.on_hand(key) - self.reserved(key)
+
+    def level(self, key: StockKey) -> StockLevel:
+        state = self.base(key)
+        assert state is not None
+        mn, mx, rp = self.policy.get(key, (state.min_stock, state.max_stock, state.reorder_point))
+        return StockLevel(
+            organization_id=key[0],
+            variant_id=key[1],
+            warehouse_id=key[2],
+            on_hand=self.on_hand(key),
+            reserved=self.reserved(key),
+            available=self.available(key),
+            in_transit=state.in_transit + self.d_in_transit.get(key, 0),
+            min_stock=mn,
+            max_stock=mx,
+            reorder_point=rp,
+            status=state.status,
+            version=state.version + self.d_version.get(key, 0),
+            warehouse_active=state.warehouse_active,
+        )
+
+    def finish(self, reply: Reply, keep_events: bool = True) -> Decision:
+        """Close the decision: add threshold crossings for every touched stock."""
+        if not keep_events:
+            # A rejection keeps only the expiries it found: they are facts of time, not of the command.
+            self.events = [(k, e) for k, e in self.events if isinstance(e, ReservationExpired)]
+            self._recount()
+        for key in self.touched:
+            before = self.states.get(key)
+            after = self.level(key)
+            if before is None:  # created by this decision: it starts at zero
+                before_cond = _conditions(0, after.min_stock, after.reorder_point)
+            else:
+                before_cond = _conditions(before.available, before.min_stock, before.reorder_point)
+            after_cond = _conditions(after.available, after.min_stock, after.reorder_point)
+            for kind, was, now_true in zip(_THRESHOLDS, before_cond, after_cond):
+                if now_true and not was:
+                    self.events.append((key, ThresholdCrossed(kind, after.available)))
+        return Decision(self.events, reply)
+
+    def _recount(self) -> None:
+        events = self.events
+        self.events = []
+        for attr in ("d_on_hand", "d_reserved", "d_in_transit", "d_version", "policy"):
+            getattr(self, attr).clear()
+        self.closed.clear()
+        self.confirmed.clear()
+        for key in list(self.created):
+            if not any(k == key for k, _ in events):
+                del self.created[key]
+                self.touched.pop(key, None)
+        for key, event in events:
+            self.emit(key, event)
+
+
+_THRESHOLDS = ("depleted", "low_level", "reorder_needed")
+
+
+def _conditions(available: int, min_stock: int, reorder_point: int) -> tuple[bool, bool, bool]:
+    return (available <= 0, min_stock > 0 and available <= min_stock,
+            reorder_point > 0 and available <= reorder_point)
+
+
+def _variant_keys(states: Mapping[StockKey, StockState], organization_id: str, variant_id: str) -> list[StockKey]:
+    return sorted(k for k in states if k[0] == organization_id and k[1] == variant_id)
+
+
+def _invalid(message: str) -> Rejected:
+    return Rejected("invalid", message)
+
+
+def decide(
+    states: Mapping[StockKey, StockState],
+    command: Command,
+    now: float,
+    prior: PriorReservation | None = None,
+) -> Decision:
+    """Decide what `command` means for `states` at time `now`.
+
+    `prior` is what the store remembers of the command's reservation when none of its
+    lines is open in `states` (a retry after release, expiry or shipment).
+    """
+    w = _Work(states, now)
+    if isinstance(command, ReserveStock):
+        return _reserve(w, command, prior)
+    if isinstance(command, (ReleaseReservation, ConfirmReservation, AbortReservation, ShipReservation)):
+        return _close(w, command)
+    if isinstance(command, ExpireReservation):
+        for key in _variant_keys(states, command.organization_id, command.variant_id):
+            w.touch(key)
+        return w.finish(DoneResult(changed=bool(w.events)))
+    if isinstance(command, RecordMovement):
+        return _movement(w, command)
+    if isinstance(command, SetStockPolicy):
+        return _policy(w, command)
+    if isinstance(command, ShipTransfer):
+        return _ship_transfer(w, command)
+    if isinstance(command, ReceiveTransfer):
+        return _receive_transfer(w, command)
+    if isinstance(command, ReadStock):
+        keys = _variant_keys(states, command.organization_id, command.variant_id)
+        if command.warehouse_id:
+            keys = [k for k in keys if k[2] == command.warehouse_id]
+        for key in keys:
+            w.touch(key)
+        return w.finish(StockLevelsResult(tuple(w.level(k) for k in keys)))
+    if isinstance(command, SetWarehouseActive):
+        return Decision([], _invalid("SetWarehouseActive is handled by the shard, not by a stock"))
+    raise TypeError(f"not a command: {type(command).__name__}")
+
+
+def _reserve(w: _Work, cmd: ReserveStock, prior: PriorReservation | None) -> Decision:
+    org, rid = cmd.organization_id, cmd.reservation_id
+    variants = sorted({ln.variant_id for ln in cmd.lines})
+    keys = [k for v in variants for k in _variant_keys(w.states, org, v)]
+    for key in keys:
+        w.touch(key)
+
+    existing = [(k, open_) for k in keys if (open_ := w.line(k, rid)) is not None]
+    if existing:
+        if any(ln.items_hash != cmd.items_hash for _, ln in existing):
+            return w.finish(Rejected("conflict", f"order already has reservation {rid} with other items"))
+        lines = tuple(ReservedLine(k[1], k[2], ln.quantity) for k, ln in existing)
+        confirmed = all(ln.confirmed for _, ln in existing)
+        expires = max(ln.expires_at for _, ln in existing)
+        return w.finish(ReservationResult(rid, expires, lines, replayed=True,
+                                          status="confirmed" if confirmed else "active"))
+    if rid in w.expired_now:
+        return w.finish(Rejected("closed", f"reservation {rid} has expired"))
+    if prior is not None:
+        if prior.items_hash != cmd.items_hash:
+            return w.finish(Rejected("conflict", f"order already has reservation {rid} with other items"))
+        if prior.status == "shipped":
+            return w.finish(ReservationResult(rid, prior.expires_at, prior.lines, replayed=True, status="shipped"))
+        return w.finish(Rejected("closed", f"reservation {rid} is {prior.status}"))
+
+    if not cmd.lines:
+        return w.finish(_invalid("items: at least one item is required"))
+    if cmd.expires_at <= w.now:
+        return w.finish(_invalid("ttl: the reservation would already be expired"))
+    for item in cmd.lines:
+        if not item.variant_id:
+            return w.finish(_invalid("items.variant_id: must not be empty"))
+        if not 0 < item.quantity <= MAX_QUANTITY:
+            return w.finish(_invalid(f"items.quantity: must be positive (variant {item.variant_id})"))
+
+    shortages: list[Shortage] = []
+    archived: list[str] = []
+    reserved: list[ReservedLine] = []
+    for req in cmd.lines:
+        vkeys = _variant_keys(w.states, org, req.variant_id)
+        if vkeys and all(w.states[k].status == "archived" for k in vkeys):
+            archived.append(req.variant_id)
+            continue
+        usable = [(k[2], w.available(k)) for k in vkeys if w.states[k].usable]
+        if req.warehouse_id:
+            match = [c for c in usable if c[0] == req.warehouse_id]
+            avail = match[0][1] if match else 0
+            choice = Choice(req.warehouse_id, max(avail, 0), avail >= req.quantity)
+        else:
+            choice = choose_warehouse(usable, req.quantity)
+        if not choice.sufficient:
+            shortages.append(Shortage(req.variant_id, choice.warehouse_id, req.quantity, choice.available))
+            continue
+        key = (org, req.variant_id, choice.warehouse_id)
+        w.emit(key, StockReserved(rid, cmd.order_id, req.quantity, cmd.expires_at, cmd.items_hash))
+        w.touched[key] = None
+        reserved.append(ReservedLine(req.variant_id, choice.warehouse_id, req.quantity))
+
+    if archived:
+        return w.finish(Rejected("archived", "variant archived: " + ", ".join(archived)), keep_events=False)
+    if shortages:
+        detail = "; ".join(
+            f"variant {s.variant_id}: requested {s.requested}, available {s.available}"
+            + (f" in warehouse {s.warehouse_id}" if s.warehouse_id else "")
+            for s in shortages
+        )
+        return w.finish(Rejected("insufficient_stock", f"insufficient stock for {detail}", tuple(shortages)),
+                        keep_events=False)
+    return w.finish(ReservationResult(rid, cmd.expires_at, tuple(reserved)))
+
+
+_CloseCommand = ReleaseReservation | ConfirmReservation | AbortReservation | ShipReservation
+
+
+def _close(w: _Work, cmd: _CloseCommand) -> Decision:
+    org, rid = cmd.organization_id, cmd.reservation_id
+    keys = [k for v in sorted(set(cmd.variant_ids)) for k in _variant_keys(w.states, org, v)]
+    for key in keys:
+        w.touch(key)
+    found = [(k, open_) for k in keys if (open_ := w.line(k, rid)) is not None]
+    if isinstance(cmd, ReleaseReservation):
+        for k, ln in found:
+            w.emit(k, ReservationReleased(rid, ln.quantity, cmd.reason))
+        return w.finish(DoneResult(changed=bool(found)))
+    if isinstance(cmd, AbortReservation):
+        for k, ln in found:
+            w.emit(k, ReservationAborted(rid, ln.quantity))
+        return w.finish(DoneResult(changed=bool(found)))
+    if not found:
+        why = "has expired" if rid in w.expired_now else "is no longer open"
+        return w.finish(Rejected("closed", f"reservation {rid} {why}"))
+    if isinstance(cmd, ConfirmReservation):
+        for k, ln in found:
+            if not ln.confirmed:
+                w.emit(k, ReservationConfirmed(rid, ln.quantity))
+        return w.finish(DoneResult(changed=any(not ln.confirmed for _, ln in found)))
+    for k, ln in found:
+        w.emit(k, ReservationShipped(rid, ln.order_id, ln.quantity))
+    return w.finish(DoneResult(changed=True, levels=tuple(w.level(k) for k, _ in found)))
+
+
+def _movement_delta(cmd: RecordMovement) -> int | Rejected:
+    if cmd.kind not in MOVEMENT_KINDS:
+        return _invalid(f"type: unknown movement type {cmd.kind!r}")
+    if cmd.kind == "adjustment":
+        if cmd.quantity == 0 or abs(cmd.quantity) > MAX_QUANTITY:
+            return _invalid("quantity: an adjustment must be a non-zero int32")
+        return cmd.quantity
+    if not 0 < cmd.quantity <= MAX_QUANTITY:
+        return _invalid("quantity: must be positive")
+    return -cmd.quantity if cmd.kind == "issue" else cmd.quantity
+
+
+def _movement(w: _Work, cmd: RecordMovement) -> Decision:
+    delta = _movement_delta(cmd)
+    if isinstance(delta, Rejected):
+        return w.finish(delta)
+    key = (cmd.organization_id, cmd.variant_id, cmd.warehouse_id)
+    state = w.touch(key)
+    if state is None:
+        if not (cmd.kind == "receipt" and cmd.create_if_missing):
+            return w.finish(Rejected("not_found", f"no stock of variant {cmd.variant_id} "
+                                                  f"in warehouse {cmd.warehouse_id}"))
+        w.create(key, StockCreated())
+    elif state.status == "archived":
+        return w.finish(Rejected("archived", f"variant {cmd.variant_id} is archived"))
+    rejected = _check_on_hand(w, key, delta, cmd.variant_id)
+    if rejected:
+        return w.finish(rejected)
+    w.emit(key, StockMoved(cmd.kind, on_hand_delta=delta, reason=cmd.reason,
+                           reference_id=cmd.reference_id, source=cmd.source))
+    return w.finish(DoneResult(levels=(w.level(key),)))
+
+
+def _check_on_hand(w: _Work, key: StockKey, delta: int, variant_id: str) -> Rejected | None:
+    new_on_hand = w.on_hand(key) + delta
+    if new_on_hand > MAX_QUANTITY:
+        return _invalid("quantity: on_hand would exceed the int32 range")
+    if delta < 0 and new_on_hand < w.reserved(key):
+        return Rejected(
+            "insufficient_stock",
+            f"variant {variant_id} in warehouse {key[2]}: taking {-delta} would leave on_hand "
+            f"{new_on_hand} below reserved {w.reserved(key)}",
+            (Shortage(variant_id, key[2], -delta, max(w.available(key), 0)),),
+        )
+    return None
+
+
+def _policy(w: _Work, cmd: SetStockPolicy) -> Decision:
+    if min(cmd.min_stock, cmd.max_stock, cmd.reorder_point) < 0:
+        return w.finish(_invalid("min_stock, max_stock, reorder_point: must not be negative"))
+    if cmd.max_stock and cmd.max_stock < max(cmd.min_stock, cmd.reorder_point):
+        return w.finish(_invalid("max_stock: must be at least min_stock and reorder_point"))
+    key = (cmd.organization_id, cmd.variant_id, cmd.warehouse_id)
+    if w.touch(key) is None:
+        return w.finish(Rejected("not_found", f"no stock of variant {cmd.variant_id} in warehouse {cmd.warehouse_id}"))
+    w.emit(key, PolicyChanged(cmd.min_stock, cmd.max_stock, cmd.reorder_point))
+    return w.finish(DoneResult(levels=(w.level(key),)))
+
+
+def _ship_transfer(w: _Work, cmd: ShipTransfer) -> Decision:
+    if cmd.from_warehouse_id == cmd.to_warehouse_id:
+        return w.finish(_invalid("to_warehouse_id: must differ from from_warehouse_id"))
+    if not 0 < cmd.quantity <= MAX_QUANTITY:
+        return w.finish(_invalid("quantity: must be positive"))
+    src = (cmd.organization_id, cmd.variant_id, cmd.from_warehouse_id)
+    dst = (cmd.organization_id, cmd.variant_id, cmd.to_warehouse_id)
+    source = w.touch(src)
+    if source is None:
+        return w.finish(Rejected("not_found", f"no stock of variant {cmd.variant_id} "
+                                              f"in warehouse {cmd.from_warehouse_id}"))
+    destination = w.touch(dst)
+    if destination is None and not cmd.create_if_missing:
+        return w.finish(Rejected("not_found", f"no stock of variant {cmd.variant_id} "
+                                              f"in warehouse {cmd.to_warehouse_id}"))
+    if source.status == "archived" or (destination is not None and destination.status == "archived"):
+        return w.finish(Rejected("archived", f"variant {cmd.variant_id} is archived"))
+    rejected = _check_on_hand(w, src, -cmd.quantity, cmd.variant_id)
+    if rejected:
+        return w.finish(rejected)
+    if destination is None:
+        w.create(dst, StockCreated())
+    w.emit(src, StockMoved("transfer_out", on_hand_delta=-cmd.quantity, reason=cmd.reason,
+                           reference_id=cmd.transfer_id))
+    w.emit(dst, StockMoved("transfer_in_transit", in_transit_delta=cmd.quantity, reason=cmd.reason,
+                           reference_id=cmd.transfer_id))
+    return w.finish(DoneResult(levels=(w.level(src), w.level(dst))))
+
+
+def _receive_transfer(w: _Work, cmd: ReceiveTransfer) -> Decision:
+    key = (cmd.organization_id, cmd.variant_id, cmd.to_warehouse_id)
+    state = w.touch(key)
+    if state is None:
+        return w.finish(Rejected("not_found", f"no stock of variant {cmd.variant_id} "
+                                              f"in warehouse {cmd.to_warehouse_id}"))
+    in_transit = state.in_transit + w.d_in_transit.get(key, 0)
+    if in_transit < cmd.quantity:
+        return w.finish(Rejected("invalid", f"transfer {cmd.transfer_id}: in_transit {in_transit} "
+                                            f"is less than {cmd.quantity}"))
+    w.emit(key, StockMoved("transfer_receive", on_hand_delta=cmd.quantity, in_transit_delta=-cmd.quantity,
+                           reference_id=cmd.transfer_id))
+    return w.finish(DoneResult(levels=(w.level(key),)))

@@ -1,0 +1,448 @@
+"""The shard's store: activation reads and the one-transaction commit of a batch.
+
+A shard is the single writer of its keys. It holds a session-level advisory lock for
+its shard id on its own connection for as long as it serves (`connect` refuses to
+return without it), and every snapshot update is guarded by the version it read, so
+two incarnations of one shard can never both commit.
+
+`commit` writes a whole batch with one multi-row statement per table (arrays through
+`unnest`), never a statement per row: this is what keeps the per-reservation cost of a
+hot stock near the cost of the gRPC call itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+
+from actors.keys import shard_hash, stock_id
+from actors.messages import (
+    Event,
+    PolicyChanged,
+    ReservationAborted,
+    ReservationConfirmed,
+    ReservationExpired,
+    ReservationReleased,
+    ReservationShipped,
+    ReservedLine,
+    StockCreated,
+    StockKey,
+    StockMoved,
+    StockReserved,
+    ThresholdCrossed,
+)
+from actors.stock import Line, PriorReservation, StockState, recompute_next_expiry
+from persistence import outbox
+
+SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id)
+
+
+class ShardLockHeld(Exception):
+    """Another incarnation of this shard holds its lock: this one must not serve."""
+
+
+class StaleVersion(Exception):
+    """A snapshot changed under us: another writer exists. The batch is rolled back."""
+
+
+def _ts(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=UTC)
+
+
+# ---------------------------------------------------------------- the write of one batch
+
+
+@dataclass
+class BatchWrite:
+    """Rows of one batch, coalesced so each primary key appears once per statement."""
+
+    now: float
+    new_stocks: list[StockState] = field(default_factory=list)
+    changed_stocks: list[tuple[StockState, int]] = field(default_factory=list)  # (state, version read)
+    movements: list[tuple[StockKey, str, int, int, int, str, str, str, int]] = field(default_factory=list)
+    new_lines: dict[tuple[str, StockKey], list[object]] = field(default_factory=dict)
+    line_status: dict[tuple[str, StockKey], str] = field(default_factory=dict)
+    deleted_lines: list[tuple[str, StockKey]] = field(default_factory=list)
+    opened: dict[str, list[object]] = field(default_factory=dict)  # rid -> header row; open delta
+    closed: dict[str, list[object]] = field(default_factory=dict)  # rid -> [org, open delta, status]
+    events: list[outbox.OutboxRow] = field(default_factory=list)
+    replies: list[tuple[str, str, bytes]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.new_stocks or self.changed_stocks or self.events or self.replies)
+
+
+def build_write(
+    now: float,
+    events: Sequence[tuple[StockKey, Event]],
+    before: dict[StockKey, StockState | None],
+    after: dict[StockKey, StockState],
+    replies: Iterable[tuple[str, str, bytes]] = (),
+) -> BatchWrite:
+    """Turn a batch's events into rows.
+
+    `before` maps each touched key to its committed state (None: created in this batch),
+    `after` to its state once every event of the batch is applied.
+    """
+    w = BatchWrite(now=now, replies=list(replies))
+    version = {k: (s.version if s else 0) for k, s in before.items()}
+    for key, event in events:
+        if isinstance(event, ThresholdCrossed):
+            w.events.append(outbox.threshold(key, event, after[key], now))
+            continue
+        version[key] += 1
+        _record(w, key, event, version[key], before.get(key))
+    for key, state in after.items():
+        old = before.get(key)
+        if old is None:
+            w.new_stocks.append(state)
+        elif state.version != old.version:
+            w.changed_stocks.append((state, old.version))
+        else:
+            continue
+        w.events.append(outbox.stock_updated(key, state, now))
+    w.events.extend(outbox.released(events, now))
+    w.events.extend(outbox.movements(events, after, now))
+    return w
+
+
+def _record(w: BatchWrite, key: StockKey, event: Event, version: int, old: StockState | None) -> None:
+    mv = w.movements
+    if isinstance(event, StockReserved):
+        rid = event.reservation_id
+        mv.append((key, "reserve", 0, event.quantity, 0, "", rid, "", version))
+        w.new_lines[(rid, key)] = [rid, key, event.order_id, event.quantity, event.expires_at,
+                                   event.items_hash, "active"]
+        header = w.opened.get(rid)
+        if header is None:
+            w.opened[rid] = [rid, key[0], event.order_id, event.items_hash, event.expires_at, 1, "active"]
+        else:
+            header[5] = int(header[5]) + 1  # type: ignore[call-overload]
+        return
+    if isinstance(event, ReservationConfirmed):
+        mv.append((key, "confirm", 0, 0, 0, "", event.reservation_id, "", version))
+        _line_status(w, key, event.reservation_id, "confirmed", close=False)
+    elif isinstance(event, ReservationReleased):
+        mv.append((key, "release", 0, -event.quantity, 0, event.reason, event.reservation_id, "", version))
+        _line_status(w, key, event.reservation_id, "released", close=True)
+    elif isinstance(event, ReservationExpired):
+        mv.append((key, "expire", 0, -event.quantity, 0, "", event.reservation_id, "", version))
+        _line_status(w, key, event.reservation_id, "expired", close=True)
+    elif isinstance(event, ReservationShipped):
+        mv.append((key, "ship", -event.quantity, -event.quantity, 0, "", event.reservation_id, "", version))
+        _line_status(w, key, event.reservation_id, "shipped", close=True)
+    elif isinstance(event, ReservationAborted):
+        rid = event.reservation_id
+        mv.append((key, "abort", 0, -event.quantity, 0, "", rid, "", version))
+        if w.new_lines.pop((rid, key), None) is None:
+            w.deleted_lines.append((rid, key))
+        _close_header(w, key[0], rid, "aborted")
+    elif isinstance(event, StockMoved):
+        mv.append((key, event.kind, event.on_hand_delta, 0, event.in_transit_delta, event.reason,
+                   event.reference_id, event.source, version))
+    elif isinstance(event, PolicyChanged):
+        mv.append((key, "policy", 0, 0, 0, "", "", "", version))
+    elif isinstance(event, StockCreated):
+        mv.append((key, "created", 0, 0, 0, "", "", "", version))
+
+
+def _line_status(w: BatchWrite, key: StockKey, rid: str, status: str, close: bool) -> None:
+    row = w.new_lines.get((rid, key))
+    if row is not None:
+        row[6] = status
+    else:
+        w.line_status[(rid, key)] = status
+    _close_header(w, key[0], rid, status, -1 if close else 0)
+
+
+def _close_header(w: BatchWrite, org: str, rid: str, status: str, delta: int = -1) -> None:
+    """Count `delta` lines closed on the reservation's header and set its status."""
+    header = w.opened.get(rid)
+    if header is None:
+        header = w.closed.setdefault(rid, [org, 0, status])
+        header[1] = int(header[1]) + delta  # type: ignore[call-overload]
+        header[2] = status
+    else:
+        header[5] = int(header[5]) + delta  # type: ignore[call-overload]
+        header[6] = status
+
+
+# ---------------------------------------------------------------- SQL
+
+_LOAD_STOCKS = """
+SELECT s.organization_id, s.variant_id, s.warehouse_id, s.on_hand, s.reserved, s.in_transit,
+       s.min_stock, s.max_stock, s.reorder_point, s.status, s.version, coalesce(w.active, true) AS wh_active
+FROM unnest($1::text[], $2::text[]) AS u(o, v)
+JOIN stocks s ON s.organization_id = u.o AND s.variant_id = u.v
+LEFT JOIN warehouses w ON w.organization_id = s.organization_id AND w.warehouse_id = s.warehouse_id
+"""
+
+_LOAD_LINES = """
+SELECT l.organization_id, l.variant_id, l.warehouse_id, l.reservation_id, l.order_id, l.quantity,
+       extract(epoch FROM l.expires_at)::float8 AS expires_at, l.items_hash, l.status
+FROM unnest($1::text[], $2::text[]) AS u(o, v)
+JOIN reservation_lines l ON l.organization_id = u.o AND l.variant_id = u.v
+WHERE l.status IN ('active', 'confirmed')
+"""
+
+_LOAD_PRIORS = """
+SELECT l.organization_id, l.reservation_id, l.variant_id, l.warehouse_id, l.quantity, l.status,
+       l.items_hash, extract(epoch FROM l.expires_at)::float8 AS expires_at
+FROM unnest($1::text[], $2::text[]) AS u(o, r)
+JOIN reservation_lines l ON l.organization_id = u.o AND l.reservation_id = u.r
+"""
+
+_LOAD_DUE = """
+SELECT extract(epoch FROM expires_at)::float8 AS expires_at, organization_id, variant_id, reservation_id
+FROM reservation_lines
+WHERE status = 'active' AND shard_hash % $2 = $1
+"""
+
+_LOAD_REPLIES = """
+SELECT i.organization_id, i.key, i.reply
+FROM unnest($1::text[], $2::text[]) AS u(o, k)
+JOIN idempotency i ON i.organization_id = u.o AND i.key = u.k
+"""
+
+_INSERT_STOCKS = """
+INSERT INTO stocks (organization_id, variant_id, warehouse_id, stock_id, shard_hash, on_hand, reserved,
+                    in_transit, min_stock, max_stock, reorder_point, status, version)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::int8[], $6::int4[], $7::int4[],
+                     $8::int4[], $9::int4[], $10::int4[], $11::int4[], $12::text[], $13::int8[])
+ON CONFLICT DO NOTHING
+"""
+
+_UPDATE_STOCKS = """
+UPDATE stocks s SET on_hand = u.on_hand, reserved = u.reserved, in_transit = u.in_transit,
+       min_stock = u.min_stock, max_stock = u.max_stock, reorder_point = u.reorder_point,
+       status = u.status, version = u.version, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::int4[], $6::int4[], $7::int4[], $8::int4[],
+            $9::int4[], $10::text[], $11::int8[], $12::int8[])
+     AS u(o, v, w, on_hand, reserved, in_transit, min_stock, max_stock, reorder_point, status, version, read)
+WHERE s.organization_id = u.o AND s.variant_id = u.v AND s.warehouse_id = u.w AND s.version = u.read
+"""
+
+_INSERT_MOVEMENTS = """
+INSERT INTO movements (organization_id, variant_id, warehouse_id, type, on_hand_delta, reserved_delta,
+                       in_transit_delta, reason, reference_id, source, version, occurred_at)
+SELECT o, v, w, t, a, b, c, r, ref, src, ver, $12
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::int4[], $7::int4[], $8::text[],
+            $9::text[], $10::text[], $11::int8[]) AS u(o, v, w, t, a, b, c, r, ref, src, ver)
+"""
+
+_UPSERT_LINES = """
+INSERT INTO reservation_lines (reservation_id, organization_id, variant_id, warehouse_id, shard_hash, order_id,
+                               quantity, expires_at, items_hash, status)
+SELECT rid, o, v, w, h, ord, q, to_timestamp(e), ih, st
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int4[], $8::float8[],
+            $9::text[], $10::text[]) AS u(rid, o, v, w, h, ord, q, e, ih, st)
+ON CONFLICT (reservation_id, organization_id, variant_id, warehouse_id) DO UPDATE
+SET order_id = EXCLUDED.order_id, quantity = EXCLUDED.quantity, expires_at = EXCLUDED.expires_at,
+    items_hash = EXCLUDED.items_hash, status = EXCLUDED.status, updated_at = now()
+"""
+
+_UPDATE_LINES = """
+UPDATE reservation_lines l SET status = u.st, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS u(rid, o, v, w, st)
+WHERE l.reservation_id = u.rid AND l.organization_id = u.o AND l.variant_id = u.v AND l.warehouse_id = u.w
+"""
+
+_DELETE_LINES = """
+DELETE FROM reservation_lines l
+USING unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(rid, o, v, w)
+WHERE l.reservation_id = u.rid AND l.organization_id = u.o AND l.variant_id = u.v AND l.warehouse_id = u.w
+"""
+
+_UPSERT_HEADERS = """
+INSERT INTO reservations (reservation_id, organization_id, order_id, items_hash, expires_at, status, open_lines)
+SELECT rid, o, ord, ih, to_timestamp(e), st, n
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[], $7::int4[])
+     AS u(rid, o, ord, ih, e, st, n)
+ON CONFLICT (reservation_id) DO UPDATE
+SET open_lines = reservations.open_lines + EXCLUDED.open_lines, status = EXCLUDED.status,
+    items_hash = EXCLUDED.items_hash, expires_at = EXCLUDED.expires_at, updated_at = now()
+RETURNING reservations.reservation_id, reservations.organization_id, reservations.order_id,
+          reservations.open_lines, reservations.status,
+          extract(epoch FROM reservations.expires_at)::float8 AS expires_at
+"""
+
+_CLOSE_HEADERS = """
+UPDATE reservations r SET open_lines = r.open_lines + u.n, status = u.st, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::int4[], $4::text[]) AS u(rid, o, n, st)
+WHERE r.reservation_id = u.rid AND r.organization_id = u.o
+RETURNING r.reservation_id, r.organization_id, r.order_id, r.open_lines, r.status,
+          extract(epoch FROM r.expires_at)::float8 AS expires_at
+"""
+
+_EXPIRED_LINES = """
+SELECT reservation_id, variant_id, warehouse_id, quantity FROM reservation_lines
+WHERE reservation_id = ANY($1::text[]) ORDER BY reservation_id, variant_id, warehouse_id
+"""
+
+_INSERT_REPLIES = """
+INSERT INTO idempotency (organization_id, key, reply)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT DO NOTHING
+"""
+
+
+def _count(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _columns(rows: Sequence[Sequence[object]], n: int) -> list[list[object]]:
+    cols: list[list[object]] = [[] for _ in range(n)]
+    for row in rows:
+        for i in range(n):
+            cols[i].append(row[i])
+    return cols
+
+
+class ShardStore:
+    """One connection, one advisory lock, one writer."""
+
+    def __init__(self, dsn: str, shard_id: int, shard_count: int) -> None:
+        self.dsn = dsn
+        self.shard_id = shard_id
+        self.shard_count = shard_count
+        self.conn: asyncpg.Connection | None = None
+
+    async def connect(self) -> None:
+        """Connect and take this shard's lock; raises ShardLockHeld if another copy serves."""
+        await self.close()
+        conn = await asyncpg.connect(self.dsn, statement_cache_size=256)
+        got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.shard_id)
+        if not got:
+            await conn.close()
+            raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
+        self.conn = conn
+
+    async def close(self) -> None:
+        if self.conn is not None and not self.conn.is_closed():
+            try:
+                await self.conn.close(timeout=2)
+            except Exception:
+                self.conn.terminate()
+        self.conn = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.conn is not None and not self.conn.is_closed()
+
+    def _c(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
+            raise ConnectionError("shard store is not connected")
+        return self.conn
+
+    async def load_variants(self, pairs: Sequence[tuple[str, str]]) -> list[StockState]:
+        """Every stock of these (organization, variant) pairs with its open reservation lines."""
+        if not pairs:
+            return []
+        conn = self._c()
+        orgs = [p[0] for p in pairs]
+        variants = [p[1] for p in pairs]
+        states: dict[StockKey, StockState] = {}
+        for r in await conn.fetch(_LOAD_STOCKS, orgs, variants):
+            key = (r[0], r[1], r[2])
+            states[key] = StockState(
+                organization_id=r[0], variant_id=r[1], warehouse_id=r[2], on_hand=r[3], reserved=0,
+                in_transit=r[5], min_stock=r[6], max_stock=r[7], reorder_point=r[8], status=r[9],
+                version=r[10], warehouse_active=r[11],
+            )
+        for r in await conn.fetch(_LOAD_LINES, orgs, variants):
+            state = states.get((r[0], r[1], r[2]))
+            if state is None:
+                continue
+            expires = 0.0 if r[8] == "confirmed" else r[6]
+            state.lines[r[3]] = Line(r[3], r[4], r[5], expires, r[7])
+            state.reserved += r[5]
+        for state in states.values():
+            recompute_next_expiry(state)
+        return list(states.values())
+
+    async def load_due(self) -> list[tuple[float, str, str, str]]:
+        """(expires_at, org, variant, reservation_id) of every open TTL line of this shard."""
+        rows = await self._c().fetch(_LOAD_DUE, self.shard_id, self.shard_count)
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    async def load_priors(self, ids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], PriorReservation]:
+        """What is remembered of reservations not open in memory (closed, or never made)."""
+        if not ids:
+            return {}
+        rows = await self._c().fetch(_LOAD_PRIORS, [i[0] for i in ids], [i[1] for i in ids])
+        grouped: dict[tuple[str, str], list[asyncpg.Record]] = {}
+        for r in rows:
+            grouped.setdefault((r[0], r[1]), []).append(r)
+        priors = {}
+        for ident, lines in grouped.items():
+            statuses = {r[5] for r in lines}
+            if statuses & {"active", "confirmed"}:
+                continue  # open lines live in memory; these belong to a stock being activated
+            status = "shipped" if "shipped" in statuses else ("expired" if "expired" in statuses else "released")
+            priors[ident] = PriorReservation(
+                status=status, items_hash=lines[0][6], expires_at=lines[0][7],
+                lines=tuple(ReservedLine(r[2], r[3], r[4]) for r in lines),
+            )
+        return priors
+
+    async def load_replies(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        if not keys:
+            return {}
+        rows = await self._c().fetch(_LOAD_REPLIES, [k[0] for k in keys], [k[1] for k in keys])
+        return {(r[0], r[1]): bytes(r[2]) for r in rows}
+
+    async def commit(self, w: BatchWrite) -> None:
+        """Write the whole batch in one transaction, or nothing (raises)."""
+        conn = self._c()
+        headers: list[asyncpg.Record] = []
+        async with conn.transaction():
+            if w.new_stocks:
+                rows = [(s.organization_id, s.variant_id, s.warehouse_id, stock_id(s.key),
+                         shard_hash(s.organization_id, s.variant_id), s.on_hand, s.reserved, s.in_transit,
+                         s.min_stock, s.max_stock, s.reorder_point, s.status, s.version) for s in w.new_stocks]
+                done = _count(await conn.execute(_INSERT_STOCKS, *_columns(rows, 13)))
+                if done != len(rows):
+                    raise StaleVersion(f"{len(rows) - done} new stock(s) already exist")
+            if w.changed_stocks:
+                rows = [(s.organization_id, s.variant_id, s.warehouse_id, s.on_hand, s.reserved, s.in_transit,
+                         s.min_stock, s.max_stock, s.reorder_point, s.status, s.version, read)
+                        for s, read in w.changed_stocks]
+                done = _count(await conn.execute(_UPDATE_STOCKS, *_columns(rows, 12)))
+                if done != len(rows):
+                    raise StaleVersion(f"{len(rows) - done} stock(s) changed under this shard")
+            if w.movements:
+                rows = [(k[0], k[1], k[2], t, a, b, c, r, ref, src, ver)
+                        for k, t, a, b, c, r, ref, src, ver in w.movements]
+                await conn.execute(_INSERT_MOVEMENTS, *_columns(rows, 11), _ts(w.now))
+            if w.new_lines:
+                rows = [(rid, k[0], k[1], k[2], shard_hash(k[0], k[1]), order, q, e, ih, st)
+                        for rid, k, order, q, e, ih, st in w.new_lines.values()]  # type: ignore[misc]
+                await conn.execute(_UPSERT_LINES, *_columns(rows, 10))
+            if w.line_status:
+                rows = [(rid, k[0], k[1], k[2], st) for (rid, k), st in w.line_status.items()]
+                await conn.execute(_UPDATE_LINES, *_columns(rows, 5))
+            if w.deleted_lines:
+                rows = [(rid, k[0], k[1], k[2]) for rid, k in w.deleted_lines]
+                await conn.execute(_DELETE_LINES, *_columns(rows, 4))
+            if w.opened:
+                rows = [(h[0], h[1], h[2], h[3], h[4], h[6], h[5]) for h in w.opened.values()]
+                headers += await conn.fetch(_UPSERT_HEADERS, *_columns(rows, 7))
+            if w.closed:
+                rows = [(rid, c[0], c[1], c[2]) for rid, c in w.closed.items()]
+                headers += await conn.fetch(_CLOSE_HEADERS, *_columns(rows, 4))
+            if headers:
+                expired = [r for r in headers if r["open_lines"] == 0 and r["status"] == "expired"]
+                if expired:
+                    lines = await conn.fetch(_EXPIRED_LINES, [r["reservation_id"] for r in expired])
+                    w.events.extend(outbox.reservation_expired(expired, lines, w.now))
+            if w.events:
+                await outbox.insert(conn, w.events)
+            if w.replies:
+                await conn.execute(_INSERT_REPLIES, *_columns(w.replies, 3))
+
+
+def encode_reply(reply: object) -> bytes:
+    return msgspec.msgpack.encode(reply)
