@@ -1,0 +1,106 @@
+"""The gateway process: gRPC server (inventory, admin, health, reflection) over the actor bridge.
+
+`create_server()` builds a server and binds it (port 0 in tests) and returns
+`(server, port)`; `run_gateway()` owns the lifecycle: join the actor system, fetch the
+shard map, start the bridge, serve until told to stop, then health NOT_SERVING, stop
+accepting, let in-flight calls finish (grace), drain the bridge, close the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from actors.system import fetch_shard_map, join
+from gateway.bridge import ActorBridge
+from gateway.config import Settings
+from gateway.pb import inventory_pb2, inventory_pb2_grpc
+from gateway.service import AdminServicer, Core, InventoryServicer
+from persistence import queries
+
+log = logging.getLogger("inventory.gateway")
+
+SERVICE_NAMES = (
+    inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"].full_name,
+    inventory_pb2.DESCRIPTOR.services_by_name["InventoryAdminService"].full_name,
+)
+
+
+@dataclass
+class Gateway:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    bridge: ActorBridge
+    pool: asyncpg.Pool
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        await self.bridge.stop()
+        await self.pool.close()
+
+
+def create_server(settings: Settings, core: Core) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000)
+    inventory_pb2_grpc.add_InventoryServiceServicer_to_server(InventoryServicer(core), server)
+    inventory_pb2_grpc.add_InventoryAdminServiceServicer_to_server(AdminServicer(core), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    if port == 0:
+        raise OSError(f"cannot bind gRPC port {settings.grpc_host}:{settings.grpc_port}")
+    return server, port, health_servicer
+
+
+async def start_gateway(settings: Settings) -> Gateway:
+    assert settings.database_url, "the gateway needs INVENTORY_DATABASE_URL (serve resolves the embedded one)"
+    asys = await asyncio.to_thread(join, settings.actor_port)
+    shard_map = await asyncio.to_thread(fetch_shard_map, asys)
+    bridge = ActorBridge(asys.private, shard_map.addresses, max_inflight=settings.max_inflight_per_shard,
+                         max_batch=settings.max_batch, reply_timeout=settings.shard_reply_timeout)
+    bridge.start()
+    pool = await queries.create_pool(settings.database_url)
+    core = Core(settings, bridge, pool)
+    server, port, health_servicer = create_server(settings, core)
+    await server.start()
+    gw = Gateway(server, port, health_servicer, bridge, pool)
+    await gw.set_serving(True)
+    log.info("gateway serving gRPC on port %d with %d shards", port, bridge.shard_count)
+    return gw
+
+
+async def run_gateway(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    gw = await start_gateway(settings)
+    if on_ready is not None:
+        on_ready(gw)
+    try:
+        await stop.wait()
+    finally:
+        log.info("gateway stopping")
+        await gw.stop()

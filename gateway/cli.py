@@ -1,0 +1,182 @@
+"""The `inventory` command.
+
+    inventory serve      one node in one command: migrations, actor system, gateway
+    inventory actors     the Thespian actor system with N shards (Procfile: actors)
+    inventory gateway    the gRPC gateway joining a running actor system (Procfile: gateway)
+    inventory migrate    apply the SQL migrations
+
+With INVENTORY_DATABASE_URL unset, `serve` and `migrate` run an embedded Postgres kept
+under INVENTORY_DATA_DIR (default ./.data), so the service runs on a machine with no
+servers at all. `actors` and `gateway` need the URL (serve passes it on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.config import ConfigError, Settings
+from gateway.logs import configure
+
+log = logging.getLogger("inventory.cli")
+
+
+def _resolve_database(settings: Settings) -> tuple[Settings, object | None]:
+    """Return settings with a database URL, starting the embedded Postgres if none is set."""
+    if settings.database_url:
+        return settings, None
+    from persistence.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(settings.data_dir / "postgres")
+    dsn = pg.start()
+    log.info("INVENTORY_DATABASE_URL is unset: using embedded Postgres under %s", settings.data_dir / "postgres")
+    return settings.with_database(dsn), pg
+
+
+def _migrate(dsn: str) -> None:
+    from persistence.migrate import migrate
+
+    applied = asyncio.run(migrate(dsn))
+    log.info("migrations applied: %s", ", ".join(applied) if applied else "none pending")
+
+
+def cmd_migrate(settings: Settings) -> int:
+    settings, pg = _resolve_database(settings)
+    try:
+        assert settings.database_url
+        _migrate(settings.database_url)
+    finally:
+        if pg is not None:
+            pg.stop()  # type: ignore[attr-defined]
+    return 0
+
+
+def cmd_actors(settings: Settings, ready_file: str | None) -> int:
+    from actors.system import run_launcher
+
+    if not settings.database_url:
+        raise ConfigError("inventory actors needs INVENTORY_DATABASE_URL")
+    return run_launcher(settings.actor_port, settings.database_url, settings.shards, ready_file,
+                        passivate_after=settings.passivate_after_seconds)
+
+
+def cmd_gateway(settings: Settings) -> int:
+    from gateway.app import run_gateway
+
+    if not settings.database_url:
+        raise ConfigError("inventory gateway needs INVENTORY_DATABASE_URL")
+    _run_async(run_gateway(settings))
+    return 0
+
+
+def _run_async(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def cmd_serve(settings: Settings) -> int:
+    """Everything for one node; stops all of it on SIGINT/SIGTERM and on any error."""
+    from gateway.app import run_gateway
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through the finally below, stopping what was started
+
+    signal.signal(signal.SIGTERM, interrupted)
+    settings, pg = _resolve_database(settings)
+    launcher: subprocess.Popen[bytes] | None = None
+    try:
+        assert settings.database_url
+        _migrate(settings.database_url)
+        ready = Path(tempfile.mkdtemp(prefix="inventory-")) / "actors.ready"
+        env = dict(os.environ, INVENTORY_DATABASE_URL=settings.database_url,
+                   INVENTORY_SHARDS=str(settings.shards), INVENTORY_ACTOR_PORT=str(settings.actor_port))
+        # The actor system starts from its own process, never forked from this threaded one.
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "actors", "--ready-file", str(ready)], env=env)
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            if launcher.poll() is not None:
+                raise RuntimeError(f"the actor system exited with code {launcher.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the actor system did not start in 120 s")
+            time.sleep(0.05)
+        ready.unlink()
+        ready.parent.rmdir()
+
+        def announce(gw: object) -> None:
+            port = getattr(gw, "port", settings.grpc_port)
+            print(f"inventory serving gRPC on port {port} with {settings.shards} shards", flush=True)
+
+        _run_async(run_gateway(settings, on_ready=announce))
+        return 0
+    finally:
+        _stop_launcher(launcher, settings.actor_port)
+        if pg is not None:
+            pg.stop()  # type: ignore[attr-defined]
+
+
+def _stop_launcher(launcher: subprocess.Popen[bytes] | None, admin_port: int) -> None:
+    if launcher is None:
+        return
+    if launcher.poll() is None:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(30)
+            return
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait(5)
+    # The launcher is gone; its daemonized actor processes may not be: stop the system by its port.
+    try:
+        from actors.system import join
+
+        join(admin_port).shutdown()
+    except Exception as e:  # noqa: BLE001 - best effort on the way out
+        log.warning("could not shut the actor system down: %s", e)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="inventory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run one node: migrations, actor system and gateway")
+    actors = sub.add_parser("actors", help="run the actor system with the shards")
+    actors.add_argument("--ready-file", help="write this file once every shard is ready")
+    sub.add_parser("gateway", help="run a gRPC gateway against a running actor system")
+    sub.add_parser("migrate", help="apply the SQL migrations")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        print(f"inventory: configuration error: {e}", file=sys.stderr)
+        return 2
+    configure(settings.log_level, settings.log_json)
+    try:
+        if args.command == "serve":
+            return cmd_serve(settings)
+        if args.command == "actors":
+            return cmd_actors(settings, args.ready_file)
+        if args.command == "gateway":
+            return cmd_gateway(settings)
+        return cmd_migrate(settings)
+    except ConfigError as e:
+        print(f"inventory: configuration error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

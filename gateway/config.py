@@ -1,0 +1,100 @@
+"""One frozen settings object, built from the environment at start-up and passed down.
+
+Nothing reads the environment anywhere else, and nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _int(env: dict[str, str], name: str, default: int, low: int = 0, high: int = 2**31 - 1) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(env: dict[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None  # None: embedded Postgres under data_dir
+    amqp_url: str | None = None
+    redis_url: str | None = None
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    http_port: int = 8080
+    shards: int = os.cpu_count() or 2
+    actor_port: int = 1900
+    default_ttl_minutes: int = 15
+    max_ttl_seconds: int = 24 * 3600
+    max_items: int = 500
+    max_message_bytes: int = 4 * 1024 * 1024
+    data_dir: Path = Path(".data")
+    passivate_after_seconds: float = 600.0
+    max_inflight_per_shard: int = 1
+    max_batch: int = 512
+    shard_reply_timeout: float = 30.0
+    default_organization_id: str = "default"
+    catalog_host: str | None = None
+    catalog_port: int | None = None
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = dict(os.environ if env is None else env)
+        catalog_port = e.get("CATALOG_GRPC_PORT", "").strip()
+        return cls(
+            database_url=e.get("INVENTORY_DATABASE_URL") or None,
+            amqp_url=e.get("INVENTORY_AMQP_URL") or None,
+            redis_url=e.get("INVENTORY_REDIS_URL") or None,
+            grpc_host=e.get("INVENTORY_GRPC_HOST", "0.0.0.0") or "0.0.0.0",
+            grpc_port=_int(e, "INVENTORY_GRPC_PORT", 50051, 0, 65535),
+            http_port=_int(e, "INVENTORY_HTTP_PORT", 8080, 0, 65535),
+            shards=_int(e, "INVENTORY_SHARDS", os.cpu_count() or 2, 1, 4096),
+            actor_port=_int(e, "INVENTORY_ACTOR_PORT", 1900, 1, 65535),
+            default_ttl_minutes=_int(e, "INVENTORY_DEFAULT_TTL_MINUTES", 15, 1, 24 * 60),
+            data_dir=Path(e.get("INVENTORY_DATA_DIR", ".data") or ".data"),
+            passivate_after_seconds=_float(e, "INVENTORY_PASSIVATE_AFTER_SECONDS", 600.0),
+            max_inflight_per_shard=_int(e, "INVENTORY_MAX_INFLIGHT_PER_SHARD", 1, 1, 16),
+            max_batch=_int(e, "INVENTORY_MAX_BATCH", 512, 1, 10_000),
+            default_organization_id=e.get("INVENTORY_DEFAULT_ORGANIZATION_ID", "default") or "default",
+            catalog_host=e.get("CATALOG_GRPC_HOST") or None,
+            catalog_port=int(catalog_port) if catalog_port.isdigit() else None,
+            log_level=(e.get("INVENTORY_LOG_LEVEL", "INFO") or "INFO").upper(),
+            log_json=_bool(e, "INVENTORY_LOG_JSON", True),
+        )
+
+    def with_database(self, url: str) -> Settings:
+        return replace(self, database_url=url)
