@@ -135,14 +135,14 @@ def movements(events: Sequence[tuple[StockKey, Event]], after: dict[StockKey, St
 
 def reservation_expired(headers: Iterable[asyncpg.Record], lines: Iterable[asyncpg.Record],
                         now: float) -> list[OutboxRow]:
-    by_rid: dict[str, list[dict[str, Any]]] = {}
+    by_rid: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for ln in lines:
-        by_rid.setdefault(ln["reservation_id"], []).append(
+        by_rid.setdefault((ln["organization_id"], ln["reservation_id"]), []).append(
             {"variant_id": ln["variant_id"], "warehouse_id": ln["warehouse_id"], "quantity": ln["quantity"]})
     return [
         envelope("inventory.reservation.expired", h["organization_id"], {
             "reservation_id": h["reservation_id"], "order_id": h["order_id"],
-            "expires_at": iso(h["expires_at"]), "lines": by_rid.get(h["reservation_id"], []),
+            "expires_at": iso(h["expires_at"]), "lines": by_rid.get((h["organization_id"], h["reservation_id"]), []),
         }, now)
         for h in headers
     ]

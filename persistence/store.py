@@ -262,7 +262,7 @@ INSERT INTO reservations (reservation_id, organization_id, order_id, items_hash,
 SELECT rid, o, ord, ih, to_timestamp(e), st, n
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], $6::text[], $7::int4[])
      AS u(rid, o, ord, ih, e, st, n)
-ON CONFLICT (reservation_id) DO UPDATE
+ON CONFLICT (organization_id, reservation_id) DO UPDATE
 SET open_lines = reservations.open_lines + EXCLUDED.open_lines, status = EXCLUDED.status,
     items_hash = EXCLUDED.items_hash, expires_at = EXCLUDED.expires_at, updated_at = now()
 RETURNING reservations.reservation_id, reservations.organization_id, reservations.order_id,
@@ -279,8 +279,10 @@ RETURNING r.reservation_id, r.organization_id, r.order_id, r.open_lines, r.statu
 """
 
 _EXPIRED_LINES = """
-SELECT reservation_id, variant_id, warehouse_id, quantity FROM reservation_lines
-WHERE reservation_id = ANY($1::text[]) ORDER BY reservation_id, variant_id, warehouse_id
+SELECT l.organization_id, l.reservation_id, l.variant_id, l.warehouse_id, l.quantity
+FROM unnest($1::text[], $2::text[]) AS u(o, r)
+JOIN reservation_lines l ON l.organization_id = u.o AND l.reservation_id = u.r
+ORDER BY l.reservation_id, l.variant_id, l.warehouse_id
 """
 
 _INSERT_REPLIES = """
@@ -304,9 +306,10 @@ def _columns(rows: Sequence[Sequence[object]], n: int) -> list[list[object]]:
 class ShardStore:
     """One connection, one advisory lock, one writer."""
 
-    def __init__(self, dsn: str, shard_id: int, shard_count: int) -> None:
+    def __init__(self, dsn: str, shard_id: int, shard_count: int, lock_id: int | None = None) -> None:
         self.dsn = dsn
         self.shard_id = shard_id
+        self.lock_id = shard_id if lock_id is None else lock_id
         self.shard_count = shard_count
         self.conn: asyncpg.Connection | None = None
 
@@ -314,7 +317,7 @@ class ShardStore:
         """Connect and take this shard's lock; raises ShardLockHeld if another copy serves."""
         await self.close()
         conn = await asyncpg.connect(self.dsn, statement_cache_size=256)
-        got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.shard_id)
+        got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
         if not got:
             await conn.close()
             raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
@@ -436,7 +439,8 @@ class ShardStore:
             if headers:
                 expired = [r for r in headers if r["open_lines"] == 0 and r["status"] == "expired"]
                 if expired:
-                    lines = await conn.fetch(_EXPIRED_LINES, [r["reservation_id"] for r in expired])
+                    lines = await conn.fetch(_EXPIRED_LINES, [r["organization_id"] for r in expired],
+                                             [r["reservation_id"] for r in expired])
                     w.events.extend(outbox.reservation_expired(expired, lines, w.now))
             if w.events:
                 await outbox.insert(conn, w.events)

@@ -40,7 +40,7 @@ CREATE UNIQUE INDEX IF NOT EXISTS stocks_stock_id ON stocks (stock_id);
 -- open_lines counts lines not yet closed; the shard that brings it to 0 by expiry
 -- writes the one inventory.reservation.expired event.
 CREATE TABLE IF NOT EXISTS reservations (
-    reservation_id  text        PRIMARY KEY,
+    reservation_id  text        NOT NULL,
     organization_id text        NOT NULL,
     order_id        text        NOT NULL,
     items_hash      text        NOT NULL,
@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS reservations (
     status          text        NOT NULL,
     open_lines      integer     NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_at      timestamptz NOT NULL DEFAULT now()
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (organization_id, reservation_id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS reservations_order ON reservations (organization_id, order_id);
 

@@ -1,0 +1,207 @@
+"""The shard host against the real Postgres: batches, fencing, timers, restarts.
+
+`ShardCore` is the shard without Thespian, so most of these run on the test's event
+loop; the last tests run a real `StockShard` on multiprocTCPBase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+
+import asyncpg
+import pytest
+
+from actors.envelopes import ShardConfigure
+from actors.keys import shard_of
+from actors.messages import (
+    ReadStock,
+    RecordMovement,
+    Rejected,
+    ReleaseReservation,
+    ReservationResult,
+    ReserveLine,
+    ReserveStock,
+    StockLevelsResult,
+)
+from actors.shard import ShardCore
+from persistence.migrate import migrate
+
+DSN = os.environ.get("INVENTORY_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
+SHARDS = 3
+# Shard ids far above any a running service uses, so these tests never fight a service for a lock.
+BASE_SHARD = 10_000
+
+
+@pytest.fixture(scope="module")
+async def db() -> asyncpg.Connection:
+    await migrate(DSN)
+    conn = await asyncpg.connect(DSN)
+    yield conn
+    await conn.close()
+
+
+def core(shard_id: int = 0) -> ShardCore:
+    # shard_count SHARDS for routing, but a lock id no service uses
+    c = ShardCore(ShardConfigure(shard_id, SHARDS, DSN))
+    c.store.lock_id = BASE_SHARD + shard_id
+    return c
+
+
+def org() -> str:
+    return "org-" + uuid.uuid4().hex[:12]
+
+
+def variant_in(org_id: str, shard: int, prefix: str = "v") -> str:
+    for i in range(1000):
+        v = f"{prefix}{i}"
+        if shard_of(org_id, v, SHARDS) == shard:
+            return v
+    raise AssertionError("no variant found")
+
+
+async def receive(c: ShardCore, o: str, v: str, wh: str, qty: int) -> None:
+    [reply] = await c.process([RecordMovement(o, v, wh, "receipt", qty, create_if_missing=True)], time.time())
+    assert not isinstance(reply, Rejected), reply
+
+
+def reserve(o: str, rid: str, v: str, qty: int, ttl: float, wh: str = "") -> ReserveStock:
+    return ReserveStock(o, rid, "order-" + rid, "h-" + rid, time.time() + ttl, (ReserveLine(v, wh, qty),))
+
+
+async def test_a_batch_is_decided_in_arrival_order_and_committed_whole(db: asyncpg.Connection) -> None:
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        replies = await c.process([reserve(o, f"r{i}", v, 2, 60) for i in range(4)], time.time())
+        assert [type(r).__name__ for r in replies] == ["ReservationResult"] * 2 + ["Rejected"] * 2
+        row = await db.fetchrow("SELECT on_hand, reserved, version FROM stocks WHERE organization_id=$1", o)
+        assert (row["on_hand"], row["reserved"]) == (5, 4)
+        lines = await db.fetchval("SELECT sum(quantity) FROM reservation_lines WHERE organization_id=$1"
+                                  " AND status='active'", o)
+        assert lines == 4
+        ledger = await db.fetchrow("SELECT sum(on_hand_delta) oh, sum(reserved_delta) rs, max(version) v"
+                                   " FROM movements WHERE organization_id=$1", o)
+        assert (ledger["oh"], ledger["rs"], ledger["v"]) == (5, 4, row["version"])
+    finally:
+        await c.stop()
+
+
+async def test_a_stock_changed_behind_the_shard_fails_the_batch_and_is_reloaded(db: asyncpg.Connection) -> None:
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        # Another writer (a partitioned twin) bumps the version: our commit must not land.
+        await db.execute("UPDATE stocks SET version = version + 10, on_hand = 3 WHERE organization_id=$1", o)
+        [reply] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(reply, Rejected) and reply.code == "unavailable"
+        assert await db.fetchval("SELECT count(*) FROM reservation_lines WHERE organization_id=$1", o) == 0
+        # The next batch reloads from Postgres and sees the other writer's state.
+        [levels] = await c.process([ReadStock(o, v)], time.time())
+        assert isinstance(levels, StockLevelsResult) and levels.levels[0].on_hand == 3
+    finally:
+        await c.stop()
+
+
+async def test_a_second_incarnation_of_a_shard_cannot_serve(db: asyncpg.Connection) -> None:
+    first, second, o = core(1), core(1), org()
+    v = variant_in(o, 1)
+    try:
+        await receive(first, o, v, "w1", 5)
+        [reply] = await second.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(reply, Rejected) and reply.code == "unavailable"
+        assert "another process" in reply.message
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 0
+        await first.stop()
+        [reply] = await second.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(reply, ReservationResult)
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_open_reservations_expire_after_a_restart(db: asyncpg.Connection) -> None:
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    await receive(c, o, v, "w1", 5)
+    [r] = await c.process([reserve(o, "r1", v, 2, 1.0)], time.time())
+    assert isinstance(r, ReservationResult)
+    await c.stop()
+    await asyncio.sleep(1.1)
+    restarted = core()
+    try:
+        # No command names this stock: only the timer index loaded at start can find it.
+        await restarted.process([], time.time())
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 0
+        assert await db.fetchval("SELECT status FROM reservation_lines WHERE organization_id=$1", o) == "expired"
+        n = await db.fetchval("SELECT count(*) FROM outbox WHERE organization_id=$1"
+                              " AND event_name='inventory.reservation.expired'", o)
+        assert n == 1
+    finally:
+        await restarted.stop()
+
+
+async def test_a_reservation_across_two_shards_emits_one_expired_event(db: asyncpg.Connection) -> None:
+    a, b, o = core(0), core(1), org()
+    va, vb = variant_in(o, 0), variant_in(o, 1)
+    try:
+        await receive(a, o, va, "w1", 5)
+        await receive(b, o, vb, "w1", 5)
+        expires = time.time() + 0.5
+        for c, v in ((a, va), (b, vb)):
+            [r] = await c.process([ReserveStock(o, "rx", "order-x", "hx", expires, (ReserveLine(v, "", 1),))],
+                                  time.time())
+            assert isinstance(r, ReservationResult)
+        assert await db.fetchval("SELECT open_lines FROM reservations WHERE organization_id=$1", o) == 2
+        await asyncio.sleep(0.6)
+        await a.process([], time.time())
+        await b.process([], time.time())
+        row = await db.fetchrow("SELECT open_lines, status FROM reservations WHERE organization_id=$1", o)
+        assert (row["open_lines"], row["status"]) == (0, "expired")
+        events = await db.fetch("SELECT payload FROM outbox WHERE organization_id=$1"
+                                " AND event_name='inventory.reservation.expired'", o)
+        assert len(events) == 1
+        assert '"order_id": "order-x"' in events[0]["payload"]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_retried_reservation_after_release_is_refused_not_redone(db: asyncpg.Connection) -> None:
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        cmd = reserve(o, "r1", v, 2, 60)
+        [r] = await c.process([cmd], time.time())
+        assert isinstance(r, ReservationResult)
+        await c.process([ReleaseReservation(o, "r1", (v,))], time.time())
+        c.stocks.clear()  # passivated: the retry must be answered from Postgres
+        [again] = await c.process([cmd], time.time())
+        assert isinstance(again, Rejected) and again.code == "closed"
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 0
+    finally:
+        await c.stop()
+
+
+async def test_idle_stocks_are_passivated_but_those_with_timers_stay(db: asyncpg.Connection) -> None:
+    c, o = core(), org()
+    c.cfg = ShardConfigure(0, SHARDS, DSN, passivate_after=0.2)
+    v1, v2 = variant_in(o, 0, "a"), variant_in(o, 0, "b")
+    try:
+        await receive(c, o, v1, "w1", 5)
+        await receive(c, o, v2, "w1", 5)
+        await c.process([reserve(o, "r1", v2, 1, 60)], time.time())
+        c._next_passivation = 0.0
+        await asyncio.sleep(0.3)
+        await c.process([], time.time())
+        assert (o, v1) not in c.stocks
+        assert (o, v2) in c.stocks
+        [levels] = await c.process([ReadStock(o, v1)], time.time())
+        assert isinstance(levels, StockLevelsResult) and levels.levels[0].on_hand == 5
+    finally:
+        await c.stop()
