@@ -4,6 +4,7 @@
     inventory actors     the Thespian actor system with N shards (Procfile: actors)
     inventory gateway    the gRPC gateway joining a running actor system (Procfile: gateway)
     inventory migrate    apply the SQL migrations
+    inventory call METHOD JSON   call one RPC of a running service, JSON in and out
 
 With INVENTORY_DATABASE_URL unset, `serve` and `migrate` run an embedded Postgres kept
 under INVENTORY_DATA_DIR (default ./.data), so the service runs on a machine with no
@@ -147,6 +148,38 @@ def _stop_launcher(launcher: subprocess.Popen[bytes] | None, admin_port: int) ->
         log.warning("could not shut the actor system down: %s", e)
 
 
+def cmd_call(target: str, method: str, body: str, timeout: float) -> int:
+    """Call any InventoryService / InventoryAdminService method with a JSON request."""
+    import grpc
+    from google.protobuf import json_format
+
+    from gateway.pb import inventory_pb2
+
+    for service in inventory_pb2.DESCRIPTOR.services_by_name.values():
+        m = service.methods_by_name.get(method)
+        if m is not None:
+            break
+    else:
+        names = sorted(n for s in inventory_pb2.DESCRIPTOR.services_by_name.values() for n in s.methods_by_name)
+        print(f"inventory call: unknown method {method!r}; one of: {', '.join(names)}", file=sys.stderr)
+        return 2
+    request_cls = getattr(inventory_pb2, m.input_type.name)
+    response_cls = getattr(inventory_pb2, m.output_type.name)
+    request = json_format.Parse(body or "{}", request_cls())
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/{service.full_name}/{method}",
+                                   request_serializer=request_cls.SerializeToString,
+                                   response_deserializer=response_cls.FromString)
+        try:
+            response = call(request, timeout=timeout)
+        except grpc.RpcError as e:
+            print(f"{e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    print(json_format.MessageToJson(response, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inventory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     actors.add_argument("--ready-file", help="write this file once every shard is ready")
     sub.add_parser("gateway", help="run a gRPC gateway against a running actor system")
     sub.add_parser("migrate", help="apply the SQL migrations")
+    call = sub.add_parser("call", help="call one RPC with a JSON request, print the JSON response")
+    call.add_argument("method", help="e.g. ReserveStock, GetStock, UpsertWarehouse")
+    call.add_argument("json", nargs="?", default="{}", help="the request as JSON (proto field names)")
+    call.add_argument("--target", default=f"127.0.0.1:{os.environ.get('INVENTORY_GRPC_PORT', '50051')}")
+    call.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
+    if args.command == "call":
+        return cmd_call(args.target, args.method, args.json, args.timeout)
     try:
         settings = Settings.from_env()
     except ConfigError as e:
