@@ -254,6 +254,8 @@ class _Work:
     closed: set[tuple[StockKey, str]] = field(default_factory=set)
     confirmed: set[tuple[StockKey, str]] = field(default_factory=set)
     expired_now: set[str] = field(default_factory=set)
+    after_expiry: dict[StockKey, int] = field(default_factory=dict)
+    """Available once a touched stock's overdue lines are expired: the 'before' of a crossing."""
 
     def base(self, key: StockKey) -> StockState | None:
         return self.states.get(key) or self.created.get(key)
@@ -269,6 +271,8 @@ class _Work:
             for ln in sorted(overdue, key=lambda x: (x.expires_at, x.reservation_id)):
                 self.emit(key, ReservationExpired(ln.reservation_id, ln.order_id, ln.quantity, ln.expires_at))
                 self.expired_now.add(ln.reservation_id)
+            if overdue:
+                self.after_expiry[key] = self.available(key)
         return state
 
     def emit(self, key: StockKey, event: Event) -> None:
@@ -351,7 +355,10 @@ class _Work:
             if before is None:  # created by this decision: it starts at zero
                 before_cond = _conditions(0, after.min_stock, after.reorder_point)
             else:
-                before_cond = _conditions(before.available, before.min_stock, before.reorder_point)
+                # Expiries only raise available; a crossing is measured from where they left it,
+                # so it does not depend on whether a timer fired before this command.
+                available = self.after_expiry.get(key, before.available)
+                before_cond = _conditions(available, before.min_stock, before.reorder_point)
             after_cond = _conditions(after.available, after.min_stock, after.reorder_point)
             for kind, was, now_true in zip(_THRESHOLDS, before_cond, after_cond):
                 if now_true and not was:
@@ -466,13 +473,13 @@ def _reserve(w: _Work, cmd: ReserveStock, prior: PriorReservation | None) -> Dec
 
     shortages: list[Shortage] = []
     archived: list[str] = []
-    reserved: list[ReservedLine] = []
+    chosen: dict[StockKey, int] = {}  # one line per stock: repeated lines add up
     for req in cmd.lines:
         vkeys = _variant_keys(w.states, org, req.variant_id)
         if vkeys and all(w.states[k].status == "archived" for k in vkeys):
             archived.append(req.variant_id)
             continue
-        usable = [(k[2], w.available(k)) for k in vkeys if w.states[k].usable]
+        usable = [(k[2], w.available(k) - chosen.get(k, 0)) for k in vkeys if w.states[k].usable]
         if req.warehouse_id:
             match = [c for c in usable if c[0] == req.warehouse_id]
             avail = match[0][1] if match else 0
@@ -483,9 +490,9 @@ def _reserve(w: _Work, cmd: ReserveStock, prior: PriorReservation | None) -> Dec
             shortages.append(Shortage(req.variant_id, choice.warehouse_id, req.quantity, choice.available))
             continue
         key = (org, req.variant_id, choice.warehouse_id)
-        w.emit(key, StockReserved(rid, cmd.order_id, req.quantity, cmd.expires_at, cmd.items_hash))
-        w.touched[key] = None
-        reserved.append(ReservedLine(req.variant_id, choice.warehouse_id, req.quantity))
+        if chosen.get(key, 0) + req.quantity > MAX_QUANTITY:
+            return w.finish(_invalid(f"items.quantity: total for variant {req.variant_id} exceeds int32"))
+        chosen[key] = chosen.get(key, 0) + req.quantity
 
     if archived:
         return w.finish(Rejected("archived", "variant archived: " + ", ".join(archived)), keep_events=False)
@@ -497,7 +504,10 @@ def _reserve(w: _Work, cmd: ReserveStock, prior: PriorReservation | None) -> Dec
         )
         return w.finish(Rejected("insufficient_stock", f"insufficient stock for {detail}", tuple(shortages)),
                         keep_events=False)
-    return w.finish(ReservationResult(rid, cmd.expires_at, tuple(reserved)))
+    for key, quantity in chosen.items():
+        w.emit(key, StockReserved(rid, cmd.order_id, quantity, cmd.expires_at, cmd.items_hash))
+    reserved = tuple(ReservedLine(k[1], k[2], q) for k, q in chosen.items())
+    return w.finish(ReservationResult(rid, cmd.expires_at, reserved))
 
 
 _CloseCommand = ReleaseReservation | ConfirmReservation | AbortReservation | ShipReservation
@@ -609,6 +619,8 @@ def _ship_transfer(w: _Work, cmd: ShipTransfer) -> Decision:
     rejected = _check_on_hand(w, src, -cmd.quantity, cmd.variant_id)
     if rejected:
         return w.finish(rejected)
+    if destination is not None and destination.in_transit + w.d_in_transit.get(dst, 0) + cmd.quantity > MAX_QUANTITY:
+        return w.finish(_invalid("quantity: in_transit would exceed the int32 range"))
     if destination is None:
         w.create(dst, StockCreated())
     w.emit(src, StockMoved("transfer_out", on_hand_delta=-cmd.quantity, reason=cmd.reason,
@@ -619,6 +631,8 @@ def _ship_transfer(w: _Work, cmd: ShipTransfer) -> Decision:
 
 
 def _receive_transfer(w: _Work, cmd: ReceiveTransfer) -> Decision:
+    if not 0 < cmd.quantity <= MAX_QUANTITY:
+        return w.finish(_invalid("quantity: must be positive"))
     key = (cmd.organization_id, cmd.variant_id, cmd.to_warehouse_id)
     state = w.touch(key)
     if state is None:
@@ -628,6 +642,9 @@ def _receive_transfer(w: _Work, cmd: ReceiveTransfer) -> Decision:
     if in_transit < cmd.quantity:
         return w.finish(Rejected("invalid", f"transfer {cmd.transfer_id}: in_transit {in_transit} "
                                             f"is less than {cmd.quantity}"))
+    rejected = _check_on_hand(w, key, cmd.quantity, cmd.variant_id)
+    if rejected:
+        return w.finish(rejected)
     w.emit(key, StockMoved("transfer_receive", on_hand_delta=cmd.quantity, in_transit_delta=-cmd.quantity,
                            reference_id=cmd.transfer_id))
     return w.finish(DoneResult(levels=(w.level(key),)))

@@ -848,13 +848,6 @@ def test_receiving_a_transfer_at_a_missing_stock_is_not_found() -> None:
     assert isinstance(reply, Rejected) and reply.code == "not_found"
 
 
-RECEIVE_QUANTITY_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="bug: ReceiveTransfer does not validate quantity > 0 (actors/stock.py _receive_transfer)",
-)
-
-
-@RECEIVE_QUANTITY_BUG
 def test_receiving_a_negative_transfer_quantity_is_invalid() -> None:
     shard = ShardFake(stock("w1", 2))
     decision = shard.send(ReceiveTransfer(ORG, V, "w1", -5, "t1"))
@@ -863,7 +856,6 @@ def test_receiving_a_negative_transfer_quantity_is_invalid() -> None:
     assert shard.stock("w1").on_hand == 2 and shard.stock("w1").in_transit == 0
 
 
-@RECEIVE_QUANTITY_BUG
 def test_receiving_a_transfer_may_never_take_on_hand_below_reserved() -> None:
     shard = ShardFake(stock("w1", 5))
     shard.send(reserve("r1", (V, "", 5)))
@@ -871,7 +863,6 @@ def test_receiving_a_transfer_may_never_take_on_hand_below_reserved() -> None:
     assert shard.stock("w1").on_hand >= shard.stock("w1").reserved
 
 
-@RECEIVE_QUANTITY_BUG
 def test_receiving_a_transfer_of_zero_is_invalid() -> None:
     shard = ShardFake(stock("w1", 2))
     decision = shard.send(ReceiveTransfer(ORG, V, "w1", 0, "t1"))
@@ -968,10 +959,6 @@ def test_depleted_fires_when_a_new_reservation_drains_stock_after_the_expiry_tim
     assert thresholds(shard.send(reserve("r2", (V, "", 5)), T0 + 12)) == ["depleted"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _Work.finish compares against the state before its expiries (actors/stock.py finish)",
-)
 def test_depleted_fires_when_a_new_reservation_drains_stock_freed_by_an_expiry_in_the_same_decision() -> None:
     shard = ShardFake(stock("w1", 5))
     shard.send(reserve("r1", (V, "", 5), expires_at=T0 + 10))
@@ -1058,11 +1045,6 @@ def test_replay_rebuilds_a_state_from_its_events_without_touching_the_initial_st
 # ---------------------------------------------------------------- known bugs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: two lines of one reservation landing on one stock overwrite each other in "
-    "StockState.lines while reserved counts both (actors/stock.py _reserve / apply)",
-)
 def test_two_lines_of_one_variant_in_one_warehouse_keep_reserved_equal_to_the_open_lines() -> None:
     shard = ShardFake(stock("w1", 10))
     decision = shard.send(reserve("r1", (V, "", 3), (V, "", 3)))
@@ -1073,10 +1055,6 @@ def test_two_lines_of_one_variant_in_one_warehouse_keep_reserved_equal_to_the_op
         assert shard.stock("w1").reserved == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _receive_transfer has no int32 check on the new on_hand (actors/stock.py _receive_transfer)",
-)
 def test_receiving_a_transfer_beyond_the_int32_range_is_invalid() -> None:
     shard = ShardFake(stock("w1", MAX_QUANTITY - 1, in_transit=5))
     reply = shard.send(ReceiveTransfer(ORG, V, "w1", 5, "t1")).reply
@@ -1084,11 +1062,6 @@ def test_receiving_a_transfer_beyond_the_int32_range_is_invalid() -> None:
     assert shard.stock("w1").on_hand <= MAX_QUANTITY
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _ship_transfer has no int32 check on the destination's in_transit "
-    "(actors/stock.py _ship_transfer)",
-)
 def test_shipping_a_transfer_beyond_the_destination_int32_range_is_invalid() -> None:
     shard = ShardFake(stock("w1", 5), stock("w2", 0, in_transit=MAX_QUANTITY - 1))
     reply = shard.send(ShipTransfer(ORG, V, "w1", "w2", 5, "t1")).reply

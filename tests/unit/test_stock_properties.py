@@ -12,9 +12,8 @@ shipments often find something open.
 The number of scenarios per property is `STOCK_PROPERTY_EXAMPLES` (default 40, which
 keeps the file within a few seconds); set it to a few thousand for a deeper hunt.
 
-The generated commands stay clear of the bugs pinned by xfail tests in
-`test_stock_core.py` (two lines of one reservation on one stock; non-positive
-ReceiveTransfer quantities; int32 overflow through transfers).
+The generated commands stay clear of int32 overflow through transfers and of
+non-positive ReceiveTransfer quantities (both rejected; examples in test_stock_core.py).
 """
 
 from __future__ import annotations
@@ -458,7 +457,7 @@ def test_reading_stock_never_counts_an_overdue_line(scenario: Scenario) -> None:
 @given(scenarios())
 def test_thresholds_fire_only_on_a_crossing(scenario: Scenario) -> None:
     """Exactly the crossings when nothing expired; with expiries, never a spurious one
-    (that a crossing may be missed then is pinned by an xfail test in test_stock_core.py)."""
+    (a crossing right after an expiry is measured from the state the expiry left)."""
     for record in simulate(scenario).records:
         emitted: dict[StockKey, list[str]] = {}
         expired: Counter[StockKey] = Counter()
