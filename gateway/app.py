@@ -23,7 +23,8 @@ from actors.system import fetch_shard_map, join
 from gateway.bridge import ActorBridge
 from gateway.config import Settings
 from gateway.pb import inventory_pb2, inventory_pb2_grpc
-from gateway.service import AdminServicer, Core, InventoryServicer
+from gateway.flows import Core
+from gateway.service import AdminServicer, InventoryServicer
 from persistence import queries
 
 log = logging.getLogger("inventory.gateway")

@@ -1,0 +1,222 @@
+"""The business flows behind both edges (gRPC and AMQP events): routing by key, fan-out
+to shards, compensation. Failures are `FlowError`s with a domain code; each edge maps the
+codes to its own error table (gRPC status; AMQP ack, retry or dead-letter).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import NoReturn
+
+import asyncpg
+
+from actors.keys import items_hash, reservation_id, shard_of
+from actors.messages import (
+    AbortReservation,
+    Command,
+    ConfirmReservation,
+    DoneResult,
+    Rejected,
+    ReleaseReservation,
+    Reply,
+    ReservationResult,
+    ReserveLine,
+    ReserveStock,
+    Shortage,
+)
+from gateway.bridge import ActorBridge
+from gateway.config import Settings
+from persistence import queries
+
+log = logging.getLogger("inventory.flows")
+
+MAX_ID_LENGTH = 200
+
+
+class FlowError(Exception):
+    """A refused or failed operation. `code` is one of actors.messages.REJECTION_CODES."""
+
+    def __init__(self, code: str, message: str, shortages: Sequence[Shortage] = ()) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.shortages = tuple(shortages)
+
+
+def invalid(message: str) -> NoReturn:
+    raise FlowError("invalid", message)
+
+
+def require_id(value: str, field: str) -> str:
+    if not value or not value.strip():
+        invalid(f"{field}: must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        invalid(f"{field}: longer than {MAX_ID_LENGTH} characters")
+    if "\x00" in value:
+        invalid(f"{field}: must not contain NUL")
+    return value
+
+
+def raise_rejected(reply: Rejected) -> NoReturn:
+    raise FlowError(reply.code, reply.message, reply.shortages)
+
+
+def unavailable(e: BaseException) -> FlowError:
+    return FlowError("unavailable", f"database unavailable: {type(e).__name__}")
+
+
+class Warehouses:
+    """A small cache of which warehouses exist (and are active) per organization."""
+
+    def __init__(self, pool: asyncpg.Pool, ttl: float = 5.0) -> None:
+        self.pool = pool
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, dict[str, bool]]] = {}
+
+    async def of(self, organization_id: str) -> dict[str, bool]:
+        hit = self._cache.get(organization_id)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl:
+            return hit[1]
+        rows = await queries.list_warehouses(self.pool, organization_id)
+        found = {r.warehouse_id: r.active for r in rows}
+        self._cache[organization_id] = (time.monotonic(), found)
+        return found
+
+    async def exists(self, organization_id: str, warehouse_id: str) -> bool:
+        if warehouse_id in await self.of(organization_id):
+            return True
+        self._cache.pop(organization_id, None)  # a new warehouse may have been added elsewhere
+        return warehouse_id in await self.of(organization_id)
+
+    def forget(self, organization_id: str) -> None:
+        self._cache.pop(organization_id, None)
+
+
+class Core:
+    """What every edge needs: routing by key, the bridge, the pool, settings."""
+
+    def __init__(self, settings: Settings, bridge: ActorBridge, pool: asyncpg.Pool) -> None:
+        self.settings = settings
+        self.bridge = bridge
+        self.pool = pool
+        self.warehouses = Warehouses(pool)
+
+    def shard(self, organization_id: str, variant_id: str) -> int:
+        return shard_of(organization_id, variant_id, self.bridge.shard_count)
+
+    async def ask(self, organization_id: str, variant_id: str, command: Command) -> Reply:
+        return await self.bridge.call(self.shard(organization_id, variant_id), command)
+
+    async def ask_ok(self, organization_id: str, variant_id: str, command: Command) -> Reply:
+        reply = await self.ask(organization_id, variant_id, command)
+        if isinstance(reply, Rejected):
+            raise_rejected(reply)
+        return reply
+
+    async def require_warehouse(self, organization_id: str, warehouse_id: str, field: str) -> None:
+        require_id(warehouse_id, field)
+        try:
+            known = await self.warehouses.exists(organization_id, warehouse_id)
+        except (OSError, asyncpg.PostgresError) as e:
+            raise unavailable(e) from None
+        if not known:
+            invalid(f"{field}: unknown warehouse {warehouse_id!r}")
+
+    async def lines_of(self, organization_id: str, rid: str) -> list[queries.LineRow]:
+        try:
+            return await queries.reservation_lines(self.pool, organization_id, rid)
+        except (OSError, asyncpg.PostgresError) as e:
+            raise unavailable(e) from None
+
+    def by_shard(self, organization_id: str, variant_ids: Sequence[str]) -> dict[int, tuple[str, ...]]:
+        groups: dict[int, list[str]] = defaultdict(list)
+        for v in sorted(set(variant_ids)):
+            groups[self.shard(organization_id, v)].append(v)
+        return {s: tuple(vs) for s, vs in groups.items()}
+
+
+# ---------------------------------------------------------------- the reservation flows (also used by events)
+
+
+async def reserve(core: Core, org: str, order_id: str, merged: dict[tuple[str, str], int],
+                  expires_at: float) -> ReservationResult:
+    """All-or-nothing across shards; idempotent per (organization, order)."""
+    rid = reservation_id(org, order_id)
+    digest = items_hash((v, w, q) for (v, w), q in merged.items())
+    groups: dict[int, list[ReserveLine]] = defaultdict(list)
+    for (variant, warehouse), qty in sorted(merged.items()):
+        groups[core.shard(org, variant)].append(ReserveLine(variant, warehouse, qty))
+    shards = sorted(groups)
+    replies = await core.bridge.call_many(
+        [(s, ReserveStock(org, rid, order_id, digest, expires_at, tuple(groups[s]))) for s in shards])
+    failures = [r for r in replies if isinstance(r, Rejected)]
+    if not failures:
+        results = [r for r in replies if isinstance(r, ReservationResult)]
+        lines = tuple(ln for r in results for ln in r.lines)
+        return ReservationResult(rid, max(r.expires_at for r in results), lines,
+                                 replayed=all(r.replayed for r in results))
+    # Compensation: undo the groups that did reserve, so the call has no effect at all.
+    done = [(s, groups[s]) for s, r in zip(shards, replies) if isinstance(r, ReservationResult)]
+    if done:
+        undo = await core.bridge.call_many(
+            [(s, AbortReservation(org, rid, tuple(sorted({ln.variant_id for ln in lines}))))
+             for s, lines in done])
+        if any(isinstance(u, Rejected) for u in undo):
+            log.error("compensation of reservation %s failed; its lines expire at their TTL", rid,
+                      extra={"organization_id": org, "reservation_id": rid, "order_id": order_id})
+    worst = _worst(failures)
+    message = "; ".join(f.message for f in failures if f.code == worst.code) or worst.message
+    raise FlowError(worst.code, message, tuple(s for f in failures for s in f.shortages))
+
+
+def _worst(failures: list[Rejected]) -> Rejected:
+    order = ["invalid", "conflict", "archived", "closed", "insufficient_stock", "unavailable", "not_found"]
+    return min(failures, key=lambda f: order.index(f.code) if f.code in order else len(order))
+
+
+async def release(core: Core, org: str, rid: str, reason: str) -> bool:
+    """Idempotent: releasing a released or expired reservation succeeds and changes nothing."""
+    lines = await core.lines_of(org, rid)
+    if not lines:
+        raise FlowError("not_found", f"reservation {rid} not found")
+    open_variants = [ln.variant_id for ln in lines if ln.status in ("active", "confirmed")]
+    if not open_variants:
+        if any(ln.status == "shipped" for ln in lines):
+            raise FlowError("closed", f"reservation {rid} has already shipped")
+        return False
+    groups = core.by_shard(org, open_variants)
+    replies = await core.bridge.call_many(
+        [(s, ReleaseReservation(org, rid, vs, reason)) for s, vs in groups.items()])
+    for reply in replies:
+        if isinstance(reply, Rejected):
+            raise_rejected(reply)
+    return any(isinstance(r, DoneResult) and r.changed for r in replies)
+
+
+async def confirm(core: Core, org: str, rid: str) -> None:
+    lines = await core.lines_of(org, rid)
+    if not lines:
+        raise FlowError("not_found", f"reservation {rid} not found")
+    closed = {ln.status for ln in lines} - {"active", "confirmed", "shipped"}
+    if closed:
+        raise FlowError("closed", f"reservation {rid} is {sorted(closed)[0]}")
+    active = [ln.variant_id for ln in lines if ln.status == "active"]
+    if not active:
+        return  # already confirmed (or shipped): idempotent
+    groups = core.by_shard(org, active)
+    shards = list(groups)
+    replies = await core.bridge.call_many([(s, ConfirmReservation(org, rid, groups[s])) for s in shards])
+    failed = [r for r in replies if isinstance(r, Rejected)]
+    if not failed:
+        return
+    confirmed = [s for s, r in zip(shards, replies) if not isinstance(r, Rejected)]
+    if confirmed and any(f.code == "closed" for f in failed):
+        # Part expired while the rest confirmed: the reservation as a whole has expired.
+        await core.bridge.call_many(
+            [(s, ReleaseReservation(org, rid, groups[s], "expired")) for s in confirmed])
+    raise_rejected(_worst(failed))
+
+
