@@ -86,7 +86,8 @@ class ExpireReservation(_Msg, frozen=True):
     variant_id: str
 
 
-MOVEMENT_KINDS = ("receipt", "issue", "adjustment", "return")
+MOVEMENT_KINDS = ("receipt", "issue", "adjustment", "return", "purchase_ordered", "purchase_received")
+"""The admin API offers the first four; purchase_* come from Purchasing's events."""
 
 
 class RecordMovement(_Msg, frozen=True):
@@ -152,6 +153,24 @@ class SetWarehouseActive(_Msg, frozen=True):
     active: bool
 
 
+class InitializeVariant(_Msg, frozen=True):
+    """Create the variant's stock in each of these warehouses where it has none (catalog.variant.created)."""
+
+    organization_id: str
+    variant_id: str
+    warehouse_ids: tuple[str, ...]
+    min_stock: int = 0
+    max_stock: int = 0
+    reorder_point: int = 0
+
+
+class ArchiveVariant(_Msg, frozen=True):
+    """Archive every stock of a variant if none holds anything (catalog.variant.deleted)."""
+
+    organization_id: str
+    variant_id: str
+
+
 Command = Union[
     ReserveStock,
     ReleaseReservation,
@@ -165,6 +184,8 @@ Command = Union[
     ReceiveTransfer,
     ReadStock,
     SetWarehouseActive,
+    InitializeVariant,
+    ArchiveVariant,
 ]
 
 # ---------------------------------------------------------------- events
@@ -237,6 +258,29 @@ class ThresholdCrossed(_Msg, frozen=True):
     available: int
 
 
+class StockArchived(_Msg, frozen=True):
+    pass
+
+
+class VariantInitialized(_Msg, frozen=True):
+    """A notification (state unchanged): the stocks InitializeVariant created, for the outbox."""
+
+    warehouse_ids: tuple[str, ...]
+
+
+class VariantArchiveRefused(_Msg, frozen=True):
+    """A notification (state unchanged): the variant still holds stock, per warehouse (on_hand + reserved)."""
+
+    total_stock: int
+    warehouses: tuple[tuple[str, int], ...]
+
+
+class VariantArchived(_Msg, frozen=True):
+    """A notification (state unchanged): every stock of the variant is archived."""
+
+    warehouse_ids: tuple[str, ...]
+
+
 Event = Union[
     StockCreated,
     StockReserved,
@@ -248,7 +292,14 @@ Event = Union[
     StockMoved,
     PolicyChanged,
     ThresholdCrossed,
+    StockArchived,
+    VariantInitialized,
+    VariantArchiveRefused,
+    VariantArchived,
 ]
+
+NOTIFICATIONS = (ThresholdCrossed, VariantInitialized, VariantArchiveRefused, VariantArchived)
+"""Events that change no state (no version bump): they only become outbox rows."""
 
 # ---------------------------------------------------------------- replies
 
@@ -308,6 +359,7 @@ REJECTION_CODES = (
     "invalid",  # bad argument, names the field
     "closed",  # the reservation is expired, released or shipped
     "archived",
+    "stock_not_zero",  # a variant cannot be archived while it holds stock
     "unavailable",  # transient: the batch could not be committed; retry
 )
 

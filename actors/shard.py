@@ -39,19 +39,18 @@ from actors.envelopes import (
     ShardStatusRequest,
 )
 from actors.messages import (
+    NOTIFICATIONS,
     AbortReservation,
     Command,
     ConfirmReservation,
     Event,
     ExpireReservation,
-    ReadStock,
     ReceiveTransfer,
     RecordMovement,
     Rejected,
     ReleaseReservation,
     Reply,
     ReserveStock,
-    SetStockPolicy,
     SetWarehouseActive,
     ShipReservation,
     ShipTransfer,
@@ -199,6 +198,8 @@ class ShardCore:
             prior = priors.get((cmd.organization_id, cmd.reservation_id)) if isinstance(cmd, ReserveStock) else None
             decision = decide(view, cmd, now, prior)
             for key, event in decision.events:
+                if isinstance(event, NOTIFICATIONS):
+                    continue  # no state to change: they only become outbox rows
                 state = working.get(key)
                 if state is None:
                     committed = self.stocks.get((key[0], key[1]), {}).get(key[2])

@@ -29,12 +29,15 @@ import msgspec
 
 from actors.messages import (
     MOVEMENT_KINDS,
+    NOTIFICATIONS,
     AbortReservation,
+    ArchiveVariant,
     Command,
     ConfirmReservation,
     DoneResult,
     Event,
     ExpireReservation,
+    InitializeVariant,
     PolicyChanged,
     ReadStock,
     ReceiveTransfer,
@@ -55,6 +58,7 @@ from actors.messages import (
     ShipReservation,
     ShipTransfer,
     Shortage,
+    StockArchived,
     StockCreated,
     StockKey,
     StockLevel,
@@ -62,9 +66,13 @@ from actors.messages import (
     StockMoved,
     StockReserved,
     ThresholdCrossed,
+    VariantArchived,
+    VariantArchiveRefused,
+    VariantInitialized,
 )
 
 NO_EXPIRY = math.inf
+USABLE_STATUSES = ("active", "pending_purchase")
 MAX_QUANTITY = 2**31 - 1
 
 
@@ -111,7 +119,7 @@ class StockState(msgspec.Struct):
 
     @property
     def usable(self) -> bool:
-        return self.status == "active" and self.warehouse_active
+        return self.status in USABLE_STATUSES and self.warehouse_active
 
     def copy(self) -> StockState:
         return msgspec.structs.replace(self, lines=dict(self.lines))
@@ -136,7 +144,7 @@ class Decision(msgspec.Struct, frozen=True, gc=False):
 
 def apply(state: StockState, event: Event) -> None:
     """Apply one event to `state` in place (the shard's working copy)."""
-    if isinstance(event, ThresholdCrossed):
+    if isinstance(event, NOTIFICATIONS):
         return
     state.version += 1
     if isinstance(event, StockReserved):
@@ -158,10 +166,22 @@ def apply(state: StockState, event: Event) -> None:
     elif isinstance(event, StockMoved):
         state.on_hand += event.on_hand_delta
         state.in_transit += event.in_transit_delta
+        state.status = _status_after_move(state.status, event.kind, state.in_transit)
+    elif isinstance(event, StockArchived):
+        state.status = "archived"
     elif isinstance(event, (PolicyChanged, StockCreated)):
         state.min_stock = event.min_stock
         state.max_stock = event.max_stock
         state.reorder_point = event.reorder_point
+
+
+def _status_after_move(status: str, kind: str, in_transit: int) -> str:
+    """A purchase order in transit marks the stock pending_purchase until it is received."""
+    if kind == "purchase_ordered" and status == "active":
+        return "pending_purchase"
+    if kind == "purchase_received" and status == "pending_purchase" and in_transit == 0:
+        return "active"
+    return status
 
 
 def evolve(state: StockState, event: Event) -> StockState:
@@ -254,6 +274,8 @@ class _Work:
     closed: set[tuple[StockKey, str]] = field(default_factory=set)
     confirmed: set[tuple[StockKey, str]] = field(default_factory=set)
     expired_now: set[str] = field(default_factory=set)
+    archived: set[StockKey] = field(default_factory=set)
+    status: dict[StockKey, str] = field(default_factory=dict)
     after_expiry: dict[StockKey, int] = field(default_factory=dict)
     """Available once a touched stock's overdue lines are expired: the 'before' of a crossing."""
 
@@ -277,7 +299,7 @@ class _Work:
 
     def emit(self, key: StockKey, event: Event) -> None:
         self.events.append((key, event))
-        if isinstance(event, ThresholdCrossed):
+        if isinstance(event, NOTIFICATIONS):
             return
         self.d_version[key] = self.d_version.get(key, 0) + 1
         if isinstance(event, StockReserved):
@@ -294,8 +316,11 @@ class _Work:
         elif isinstance(event, StockMoved):
             self._add(self.d_on_hand, key, event.on_hand_delta)
             self._add(self.d_in_transit, key, event.in_transit_delta)
+            self.status[key] = _status_after_move(self.status_of(key), event.kind, self.in_transit(key))
         elif isinstance(event, (PolicyChanged, StockCreated)):
             self.policy[key] = (event.min_stock, event.max_stock, event.reorder_point)
+        elif isinstance(event, StockArchived):
+            self.archived.add(key)
 
     @staticmethod
     def _add(d: dict[StockKey, int], key: StockKey, v: int) -> None:
@@ -323,6 +348,16 @@ class _Work:
     def available(self, key: StockKey) -> int:
         return self.on_hand(key) - self.reserved(key)
 
+    def status_of(self, key: StockKey) -> str:
+        if key in self.archived:
+            return "archived"
+        state = self.base(key)
+        return self.status.get(key, state.status if state else "active")
+
+    def in_transit(self, key: StockKey) -> int:
+        state = self.base(key)
+        return (state.in_transit if state else 0) + self.d_in_transit.get(key, 0)
+
     def level(self, key: StockKey) -> StockLevel:
         state = self.base(key)
         assert state is not None
@@ -338,7 +373,7 @@ class _Work:
             min_stock=mn,
             max_stock=mx,
             reorder_point=rp,
-            status=state.status,
+            status=self.status_of(key),
             version=state.version + self.d_version.get(key, 0),
             warehouse_active=state.warehouse_active,
         )
@@ -352,6 +387,8 @@ class _Work:
         for key in self.touched:
             before = self.states.get(key)
             after = self.level(key)
+            if after.status == "archived":
+                continue
             if before is None:  # created by this decision: it starts at zero
                 before_cond = _conditions(0, after.min_stock, after.reorder_point)
             else:
@@ -368,7 +405,7 @@ class _Work:
     def _recount(self) -> None:
         events = self.events
         self.events = []
-        for attr in ("d_on_hand", "d_reserved", "d_in_transit", "d_version", "policy"):
+        for attr in ("d_on_hand", "d_reserved", "d_in_transit", "d_version", "policy", "archived", "status"):
             getattr(self, attr).clear()
         self.closed.clear()
         self.confirmed.clear()
@@ -431,6 +468,10 @@ def decide(
         for key in keys:
             w.touch(key)
         return w.finish(StockLevelsResult(tuple(w.level(k) for k in keys)))
+    if isinstance(command, InitializeVariant):
+        return _initialize(w, command)
+    if isinstance(command, ArchiveVariant):
+        return _archive(w, command)
     if isinstance(command, SetWarehouseActive):
         return Decision([], _invalid("SetWarehouseActive is handled by the shard, not by a stock"))
     raise TypeError(f"not a command: {type(command).__name__}")
@@ -541,8 +582,11 @@ def _close(w: _Work, cmd: _CloseCommand) -> Decision:
 
 
 def _movement_delta(cmd: RecordMovement) -> int | Rejected:
+    """The on_hand delta of a movement (purchase_ordered moves in_transit only: 0 here)."""
     if cmd.kind not in MOVEMENT_KINDS:
         return _invalid(f"type: unknown movement type {cmd.kind!r}")
+    if cmd.kind == "purchase_ordered":
+        return 0 if 0 < cmd.quantity <= MAX_QUANTITY else _invalid("quantity: must be positive")
     if cmd.kind == "adjustment":
         if cmd.quantity == 0 or abs(cmd.quantity) > MAX_QUANTITY:
             return _invalid("quantity: an adjustment must be a non-zero int32")
@@ -559,7 +603,7 @@ def _movement(w: _Work, cmd: RecordMovement) -> Decision:
     key = (cmd.organization_id, cmd.variant_id, cmd.warehouse_id)
     state = w.touch(key)
     if state is None:
-        if not (cmd.kind == "receipt" and cmd.create_if_missing):
+        if not (cmd.kind in ("receipt", "purchase_ordered", "purchase_received") and cmd.create_if_missing):
             return w.finish(Rejected("not_found", f"no stock of variant {cmd.variant_id} "
                                                   f"in warehouse {cmd.warehouse_id}"))
         w.create(key, StockCreated())
@@ -568,7 +612,15 @@ def _movement(w: _Work, cmd: RecordMovement) -> Decision:
     rejected = _check_on_hand(w, key, delta, cmd.variant_id)
     if rejected:
         return w.finish(rejected)
-    w.emit(key, StockMoved(cmd.kind, on_hand_delta=delta, reason=cmd.reason,
+    in_transit = (state.in_transit if state else 0) + w.d_in_transit.get(key, 0)
+    transit_delta = 0
+    if cmd.kind == "purchase_ordered":
+        if in_transit + cmd.quantity > MAX_QUANTITY:
+            return w.finish(_invalid("quantity: in_transit would exceed the int32 range"))
+        transit_delta = cmd.quantity
+    elif cmd.kind == "purchase_received":
+        transit_delta = -min(cmd.quantity, in_transit)  # goods may arrive without an order we saw
+    w.emit(key, StockMoved(cmd.kind, on_hand_delta=delta, in_transit_delta=transit_delta, reason=cmd.reason,
                            reference_id=cmd.reference_id, source=cmd.source))
     return w.finish(DoneResult(levels=(w.level(key),)))
 
@@ -648,3 +700,37 @@ def _receive_transfer(w: _Work, cmd: ReceiveTransfer) -> Decision:
     w.emit(key, StockMoved("transfer_receive", on_hand_delta=cmd.quantity, in_transit_delta=-cmd.quantity,
                            reference_id=cmd.transfer_id))
     return w.finish(DoneResult(levels=(w.level(key),)))
+
+
+def _initialize(w: _Work, cmd: InitializeVariant) -> Decision:
+    if min(cmd.min_stock, cmd.max_stock, cmd.reorder_point) < 0:
+        return w.finish(_invalid("default_min_stock, default_max_stock: must not be negative"))
+    created = []
+    for wh in sorted(set(cmd.warehouse_ids)):
+        key = (cmd.organization_id, cmd.variant_id, wh)
+        if w.touch(key) is None:
+            w.create(key, StockCreated(cmd.min_stock, cmd.max_stock, cmd.reorder_point))
+            created.append(wh)
+    if created:
+        first = (cmd.organization_id, cmd.variant_id, created[0])
+        w.emit(first, VariantInitialized(tuple(created)))
+    keys = _variant_keys({**w.states, **w.created}, cmd.organization_id, cmd.variant_id)
+    return w.finish(DoneResult(changed=bool(created), levels=tuple(w.level(k) for k in keys)))
+
+
+def _archive(w: _Work, cmd: ArchiveVariant) -> Decision:
+    keys = _variant_keys(w.states, cmd.organization_id, cmd.variant_id)
+    for key in keys:
+        w.touch(key)
+    holding = [(k[2], w.on_hand(k) + w.in_transit(k)) for k in keys if w.on_hand(k) or w.reserved(k) or w.in_transit(k)]
+    anchor = keys[0] if keys else (cmd.organization_id, cmd.variant_id, "")
+    if holding:
+        w.emit(anchor, VariantArchiveRefused(sum(q for _, q in holding), tuple(holding)))
+        return w.finish(Rejected("stock_not_zero", f"variant {cmd.variant_id} still holds stock in "
+                                                   + ", ".join(wh for wh, _ in holding)))
+    to_archive = [k for k in keys if w.states[k].status != "archived"]
+    for key in to_archive:
+        w.emit(key, StockArchived())
+    if to_archive or not keys:
+        w.emit(anchor, VariantArchived(tuple(k[2] for k in keys)))
+    return w.finish(DoneResult(changed=bool(to_archive), levels=tuple(w.level(k) for k in keys)))

@@ -16,20 +16,25 @@ import asyncpg
 from actors.keys import items_hash, reservation_id, shard_of
 from actors.messages import (
     AbortReservation,
+    ArchiveVariant,
     Command,
     ConfirmReservation,
     DoneResult,
+    InitializeVariant,
+    RecordMovement,
     Rejected,
     ReleaseReservation,
     Reply,
     ReservationResult,
     ReserveLine,
     ReserveStock,
+    ShipReservation,
     Shortage,
+    StockLevel,
 )
 from gateway.bridge import ActorBridge
 from gateway.config import Settings
-from persistence import queries
+from persistence import outbox, queries
 
 log = logging.getLogger("inventory.flows")
 
@@ -220,3 +225,69 @@ async def confirm(core: Core, org: str, rid: str) -> None:
     raise_rejected(_worst(failed))
 
 
+
+
+# ---------------------------------------------------------------- flows behind the consumed events
+
+
+async def ship(core: Core, org: str, rid: str) -> bool:
+    """Deduct a reservation (reserved goes out of on_hand). Idempotent: an already shipped one is a no-op."""
+    lines = await core.lines_of(org, rid)
+    if not lines:
+        raise FlowError("not_found", f"reservation {rid} not found")
+    open_variants = [ln.variant_id for ln in lines if ln.status in ("active", "confirmed")]
+    if not open_variants:
+        if all(ln.status == "shipped" for ln in lines):
+            return False
+        raise FlowError("closed", f"reservation {rid} is {sorted({ln.status for ln in lines})[0]}")
+    groups = core.by_shard(org, open_variants)
+    replies = await core.bridge.call_many([(s, ShipReservation(org, rid, vs)) for s, vs in groups.items()])
+    for reply in replies:
+        if isinstance(reply, Rejected):
+            raise_rejected(reply)
+    return True
+
+
+async def record_movement(core: Core, org: str, variant: str, warehouse: str, kind: str, quantity: int,
+                          reason: str = "", reference_id: str = "", idempotency_key: str = "",
+                          source: str = "") -> tuple[StockLevel, ...]:
+    """A movement from an event (return, purchase_ordered, purchase_received) or the admin API."""
+    reply = await core.ask_ok(org, variant, RecordMovement(
+        org, variant, warehouse, kind, quantity, reason, reference_id, idempotency_key,
+        create_if_missing=kind in ("receipt", "purchase_ordered", "purchase_received"), source=source))
+    assert isinstance(reply, DoneResult)
+    return reply.levels
+
+
+async def initialize_variant(core: Core, org: str, variant: str, min_stock: int, max_stock: int,
+                             reorder_point: int = 0) -> tuple[StockLevel, ...]:
+    """A stock record in every active warehouse of the organization (idempotent)."""
+    try:
+        warehouses = await core.warehouses.of(org)
+    except (OSError, asyncpg.PostgresError) as e:
+        raise unavailable(e) from None
+    active = tuple(sorted(wh for wh, is_active in warehouses.items() if is_active))
+    reply = await core.ask_ok(org, variant, InitializeVariant(org, variant, active, min_stock, max_stock,
+                                                              reorder_point))
+    assert isinstance(reply, DoneResult)
+    return reply.levels
+
+
+async def archive_variant(core: Core, org: str, variant: str) -> bool:
+    """Archive the variant's stocks, or refuse (FlowError stock_not_zero) while any holds stock.
+
+    Either way the answer event (archived / validation_failed) is in the outbox."""
+    reply = await core.ask_ok(org, variant, ArchiveVariant(org, variant))
+    assert isinstance(reply, DoneResult)
+    return reply.changed
+
+
+async def emit_event(core: Core, name: str, organization_id: str, data: dict[str, object]) -> str:
+    """Put an event that is no stock change (e.g. inventory.reservation.failed) in the outbox; returns its id."""
+    row = outbox.envelope(name, organization_id, data, time.time())
+    try:
+        async with core.pool.acquire() as conn:
+            await outbox.insert(conn, [row])
+    except (OSError, asyncpg.PostgresError) as e:
+        raise unavailable(e) from None
+    return row[0]

@@ -59,6 +59,7 @@ STATUS = {
     "insufficient_stock": grpc.StatusCode.FAILED_PRECONDITION,
     "closed": grpc.StatusCode.FAILED_PRECONDITION,
     "archived": grpc.StatusCode.FAILED_PRECONDITION,
+    "stock_not_zero": grpc.StatusCode.FAILED_PRECONDITION,
     "conflict": grpc.StatusCode.ALREADY_EXISTS,
     "not_found": grpc.StatusCode.NOT_FOUND,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,

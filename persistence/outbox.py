@@ -25,6 +25,9 @@ from actors.messages import (
     StockKey,
     StockMoved,
     ThresholdCrossed,
+    VariantArchived,
+    VariantArchiveRefused,
+    VariantInitialized,
 )
 from actors.stock import StockState
 
@@ -94,6 +97,28 @@ def threshold(key: StockKey, ev: ThresholdCrossed, s: StockState, now: float) ->
                                        "recipients": ["inventory_manager", "purchasing_manager"]}
         row = (row[0], row[1], row[2], _json.encode(body).decode())
     return row
+
+
+def notification(key: StockKey, ev: Event, now: float) -> OutboxRow:
+    """The catalog lifecycle answers: initialized, validation_failed, archived (spec payloads)."""
+    org, variant = key[0], key[1]
+    if isinstance(ev, VariantInitialized):
+        return envelope("inventory.stock.initialized", org, {
+            "variant_id": variant,
+            "warehouses": [{"warehouse_id": wh, "stock_id": stock_id((org, variant, wh)), "initial_quantity": 0}
+                           for wh in ev.warehouse_ids],
+            "status": "success"}, now)
+    if isinstance(ev, VariantArchiveRefused):
+        return envelope("inventory.stock.validation_failed", org, {
+            "variant_id": variant, "reason": "stock_not_zero",
+            "details": {"total_stock": ev.total_stock,
+                        "warehouses_affected": [{"warehouse_id": wh, "quantity": q} for wh, q in ev.warehouses]},
+            "action_required": "Clear all stock before deleting variant"}, now)
+    if isinstance(ev, VariantArchived):
+        return envelope("inventory.stock.archived", org, {
+            "variant_id": variant, "warehouses": [{"warehouse_id": wh, "stock_id": stock_id((org, variant, wh))}
+                                                  for wh in ev.warehouse_ids]}, now)
+    raise TypeError(f"not a notification: {type(ev).__name__}")
 
 
 def released(events: Sequence[tuple[StockKey, Event]], now: float) -> list[OutboxRow]:

@@ -21,6 +21,7 @@ import msgspec
 
 from actors.keys import shard_hash, stock_id
 from actors.messages import (
+    NOTIFICATIONS,
     Event,
     PolicyChanged,
     ReservationAborted,
@@ -29,6 +30,7 @@ from actors.messages import (
     ReservationReleased,
     ReservationShipped,
     ReservedLine,
+    StockArchived,
     StockCreated,
     StockKey,
     StockMoved,
@@ -94,6 +96,9 @@ def build_write(
         if isinstance(event, ThresholdCrossed):
             w.events.append(outbox.threshold(key, event, after[key], now))
             continue
+        if isinstance(event, NOTIFICATIONS):
+            w.events.append(outbox.notification(key, event, now))
+            continue
         version[key] += 1
         _record(w, key, event, version[key], before.get(key))
     for key, state in after.items():
@@ -148,6 +153,8 @@ def _record(w: BatchWrite, key: StockKey, event: Event, version: int, old: Stock
         mv.append((key, "policy", 0, 0, 0, "", "", "", version))
     elif isinstance(event, StockCreated):
         mv.append((key, "created", 0, 0, 0, "", "", "", version))
+    elif isinstance(event, StockArchived):
+        mv.append((key, "archive", 0, 0, 0, "variant deleted in catalog", "", "", version))
 
 
 def _line_status(w: BatchWrite, key: StockKey, rid: str, status: str, close: bool) -> None:
