@@ -22,8 +22,10 @@ from grpc_reflection.v1alpha import reflection
 from actors.system import fetch_shard_map, join
 from gateway.bridge import ActorBridge
 from gateway.config import Settings
-from gateway.pb import inventory_pb2, inventory_pb2_grpc
 from gateway.flows import Core
+from gateway.health import Operations, ShardProbe
+from gateway.metrics import MeasuredBridge, Metrics, RpcInterceptor, install_request_logging
+from gateway.pb import inventory_pb2, inventory_pb2_grpc
 from gateway.service import AdminServicer, InventoryServicer
 from persistence import queries
 
@@ -42,6 +44,7 @@ class Gateway:
     health: health.aio.HealthServicer
     bridge: ActorBridge
     pool: asyncpg.Pool
+    ops: Operations | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -49,9 +52,13 @@ class Gateway:
             await self.health.set(name, status)
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.ops is not None:
+            await self.ops.monitor.stop()  # /readyz 503 and health never SERVING again
         await self.set_serving(False)
         await self.server.stop(grace)
         await self.bridge.stop()
+        if self.ops is not None:
+            await self.ops.close()
         await self.pool.close()
 
 
@@ -61,7 +68,8 @@ def create_server(settings: Settings, core: Core) -> tuple[grpc.aio.Server, int,
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000)
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000,
+                             interceptors=[RpcInterceptor(core.metrics)])
     inventory_pb2_grpc.add_InventoryServiceServicer_to_server(InventoryServicer(core), server)
     inventory_pb2_grpc.add_InventoryAdminServiceServicer_to_server(AdminServicer(core), server)
     health_servicer = health.aio.HealthServicer()
@@ -79,15 +87,28 @@ async def start_gateway(settings: Settings) -> Gateway:
     assert settings.database_url, "the gateway needs INVENTORY_DATABASE_URL (serve resolves the embedded one)"
     asys = await asyncio.to_thread(join, settings.actor_port)
     shard_map = await asyncio.to_thread(fetch_shard_map, asys)
-    bridge = ActorBridge(asys.private, shard_map.addresses, max_inflight=settings.max_inflight_per_shard,
-                         max_batch=settings.max_batch, reply_timeout=settings.shard_reply_timeout)
+    metrics = Metrics()
+    bridge = MeasuredBridge(asys.private, shard_map.addresses, max_inflight=settings.max_inflight_per_shard,
+                            max_batch=settings.max_batch, reply_timeout=settings.shard_reply_timeout)
+    bridge.metrics = metrics
     bridge.start()
     pool = await queries.create_pool(settings.database_url)
-    core = Core(settings, bridge, pool)
-    server, port, health_servicer = create_server(settings, core)
-    await server.start()
-    gw = Gateway(server, port, health_servicer, bridge, pool)
+    core = Core(settings, bridge, pool, metrics)
+    install_request_logging()
+    ops: Operations | None = None
+    try:
+        ops = await Operations.start(settings, core, ShardProbe(asys.private, list(shard_map.addresses)))
+        server, port, health_servicer = create_server(settings, core)
+        await server.start()
+    except BaseException:
+        if ops is not None:
+            await ops.close()
+        await bridge.stop()
+        await pool.close()
+        raise
+    gw = Gateway(server, port, health_servicer, bridge, pool, ops)
     await gw.set_serving(True)
+    ops.monitor.start(gw.set_serving)
     log.info("gateway serving gRPC on port %d with %d shards", port, bridge.shard_count)
     return gw
 
@@ -104,4 +125,4 @@ async def run_gateway(settings: Settings, on_ready: Callable[[Gateway], None] | 
         await stop.wait()
     finally:
         log.info("gateway stopping")
-        await gw.stop()
+        await gw.stop(settings.shutdown_grace_seconds)

@@ -68,6 +68,15 @@ class Settings:
     default_organization_id: str = "default"
     catalog_host: str | None = None
     catalog_port: int | None = None
+    catalog_timeout_seconds: float = 5.0  # deadline of one Catalog call, retries included
+    catalog_degraded_mode: bool = True  # Catalog unreachable and nothing cached: allow, source "degraded"
+    catalog_cache_ttl_seconds: float = 3600.0
+    catalog_cache_max_entries: int = 10_000  # the in-process LRU (no INVENTORY_REDIS_URL)
+    breaker_failure_threshold: int = 5  # consecutive failures that open a dependency's circuit breaker
+    breaker_cooldown_seconds: float = 30.0  # open -> half-open
+    http_host: str = "0.0.0.0"
+    health_interval_seconds: float = 2.0  # Postgres check (gRPC health) and metrics polling
+    shutdown_grace_seconds: float = 10.0  # in-flight RPCs may finish within this on SIGTERM
     log_level: str = "INFO"
     log_json: bool = True
 
@@ -92,6 +101,15 @@ class Settings:
             default_organization_id=e.get("INVENTORY_DEFAULT_ORGANIZATION_ID", "default") or "default",
             catalog_host=e.get("CATALOG_GRPC_HOST") or None,
             catalog_port=int(catalog_port) if catalog_port.isdigit() else None,
+            catalog_timeout_seconds=_float(e, "INVENTORY_CATALOG_TIMEOUT_SECONDS", 5.0),
+            catalog_degraded_mode=_bool(e, "INVENTORY_CATALOG_DEGRADED_MODE", True),
+            catalog_cache_ttl_seconds=_float(e, "INVENTORY_CATALOG_CACHE_TTL_SECONDS", 3600.0),
+            catalog_cache_max_entries=_int(e, "INVENTORY_CATALOG_CACHE_MAX_ENTRIES", 10_000, 1, 10_000_000),
+            breaker_failure_threshold=_int(e, "INVENTORY_BREAKER_FAILURE_THRESHOLD", 5, 1, 1000),
+            breaker_cooldown_seconds=_float(e, "INVENTORY_BREAKER_COOLDOWN_SECONDS", 30.0),
+            http_host=e.get("INVENTORY_HTTP_HOST", "0.0.0.0") or "0.0.0.0",
+            health_interval_seconds=_float(e, "INVENTORY_HEALTH_INTERVAL_SECONDS", 2.0),
+            shutdown_grace_seconds=_float(e, "INVENTORY_SHUTDOWN_GRACE_SECONDS", 10.0),
             log_level=(e.get("INVENTORY_LOG_LEVEL", "INFO") or "INFO").upper(),
             log_json=_bool(e, "INVENTORY_LOG_JSON", True),
         )

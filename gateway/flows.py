@@ -32,8 +32,11 @@ from actors.messages import (
     Shortage,
     StockLevel,
 )
+from gateway.breaker import Breakers
 from gateway.bridge import ActorBridge
+from gateway.catalog import CatalogUnavailable, VariantValidator
 from gateway.config import Settings
+from gateway.metrics import Metrics
 from persistence import outbox, queries
 
 log = logging.getLogger("inventory.flows")
@@ -101,13 +104,42 @@ class Warehouses:
 
 
 class Core:
-    """What every edge needs: routing by key, the bridge, the pool, settings."""
+    """What every edge needs: routing by key, the bridge, the pool, settings, metrics.
 
-    def __init__(self, settings: Settings, bridge: ActorBridge, pool: asyncpg.Pool) -> None:
+    `validator` is set at start-up when a Catalog is configured (gateway/health.py), else None.
+    """
+
+    def __init__(self, settings: Settings, bridge: ActorBridge, pool: asyncpg.Pool,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.bridge = bridge
         self.pool = pool
         self.warehouses = Warehouses(pool)
+        self.metrics = metrics or Metrics()
+        self.validator: VariantValidator | None = None
+        self.breakers = Breakers(settings.breaker_failure_threshold, settings.breaker_cooldown_seconds)
+
+    async def check_variant(self, organization_id: str, variant_id: str) -> str:
+        """Before a stock movement: may this variant hold stock? Returns the answer's source for the
+        ledger ("catalog", "cache", "degraded"), or "" when validation is off (no Catalog configured)."""
+        if self.validator is None:
+            return ""
+        try:
+            checked = await self.validator.check(organization_id, variant_id)
+        except CatalogUnavailable as e:
+            raise FlowError("unavailable", str(e)) from None
+        if not checked.info.exists:
+            raise FlowError("not_found", f"variant {variant_id} does not exist")
+        if not checked.info.is_active:
+            raise FlowError("variant_inactive", f"variant {variant_id} is inactive")
+        if not checked.info.tracks_inventory:
+            raise FlowError("variant_untracked", f"variant {variant_id} does not track inventory")
+        return checked.source
+
+    async def invalidate_variant(self, organization_id: str, variant_id: str) -> None:
+        """On catalog.variant.updated / .deleted: forget the cached variant (a no-op without validation)."""
+        if self.validator is not None:
+            await self.validator.invalidate(organization_id, variant_id)
 
     def shard(self, organization_id: str, variant_id: str) -> int:
         return shard_of(organization_id, variant_id, self.bridge.shard_count)
@@ -161,8 +193,9 @@ async def reserve(core: Core, org: str, order_id: str, merged: dict[tuple[str, s
     if not failures:
         results = [r for r in replies if isinstance(r, ReservationResult)]
         lines = tuple(ln for r in results for ln in r.lines)
-        return ReservationResult(rid, max(r.expires_at for r in results), lines,
-                                 replayed=all(r.replayed for r in results))
+        replayed = all(r.replayed for r in results)
+        core.metrics.reservation("replayed" if replayed else "reserved")
+        return ReservationResult(rid, max(r.expires_at for r in results), lines, replayed=replayed)
     # Compensation: undo the groups that did reserve, so the call has no effect at all.
     done = [(s, groups[s]) for s, r in zip(shards, replies) if isinstance(r, ReservationResult)]
     if done:
@@ -173,6 +206,7 @@ async def reserve(core: Core, org: str, order_id: str, merged: dict[tuple[str, s
             log.error("compensation of reservation %s failed; its lines expire at their TTL", rid,
                       extra={"organization_id": org, "reservation_id": rid, "order_id": order_id})
     worst = _worst(failures)
+    core.metrics.reservation(worst.code)
     message = "; ".join(f.message for f in failures if f.code == worst.code) or worst.message
     raise FlowError(worst.code, message, tuple(s for f in failures for s in f.shortages))
 

@@ -6,9 +6,10 @@ The error table of this edge (one place):
 |----------------------------------|----------------------|
 | bad field (names the field)      | INVALID_ARGUMENT     |
 | insufficient_stock, closed, archived | FAILED_PRECONDITION |
+| variant_inactive, variant_untracked (Catalog) | FAILED_PRECONDITION |
 | conflict (same order, other items) | ALREADY_EXISTS     |
-| not_found, other organization's id | NOT_FOUND          |
-| unavailable (commit failed, shard down, Postgres down) | UNAVAILABLE (retry) |
+| not_found, other organization's id, unknown variant | NOT_FOUND |
+| unavailable (commit failed, shard down, Postgres down, Catalog down without degraded mode) | UNAVAILABLE (retry) |
 
 A successful reply means committed: shards reply only after their transaction commits.
 """
@@ -60,6 +61,8 @@ STATUS = {
     "closed": grpc.StatusCode.FAILED_PRECONDITION,
     "archived": grpc.StatusCode.FAILED_PRECONDITION,
     "stock_not_zero": grpc.StatusCode.FAILED_PRECONDITION,
+    "variant_inactive": grpc.StatusCode.FAILED_PRECONDITION,
+    "variant_untracked": grpc.StatusCode.FAILED_PRECONDITION,
     "conflict": grpc.StatusCode.ALREADY_EXISTS,
     "not_found": grpc.StatusCode.NOT_FOUND,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
@@ -269,9 +272,10 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
             invalid("reason/reference_id: too long")
         if request.idempotency_key:
             require_id(request.idempotency_key, "idempotency_key")
+        source = await self.core.check_variant(org, variant)
         reply = await self.core.ask_ok(org, variant, RecordMovement(
             org, variant, request.warehouse_id, kind, request.quantity, request.reason, request.reference_id,
-            request.idempotency_key, create_if_missing=kind == "receipt"))
+            request.idempotency_key, create_if_missing=kind == "receipt", source=source))
         assert isinstance(reply, DoneResult)
         return pb.MovementResponse(stock=_level_pb(reply.levels[0]))
 
@@ -328,6 +332,7 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
             invalid("quantity: must be positive")
         transfer_id = request.transfer_id or str(uuid.uuid4())
         require_id(transfer_id, "transfer_id")
+        await self.core.check_variant(org, variant)  # ShipTransfer has no `source` field for the ledger yet
         reply = await self.core.ask_ok(org, variant, ShipTransfer(
             org, variant, request.from_warehouse_id, request.to_warehouse_id, request.quantity, transfer_id,
             request.reason, create_if_missing=True))

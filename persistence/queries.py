@@ -97,3 +97,27 @@ async def list_movements(pool: asyncpg.Pool, organization_id: str, variant_id: s
            ORDER BY movement_id DESC LIMIT $5""",
         organization_id, variant_id, warehouse_id, before_id, limit)
     return [MovementRow(*r) for r in rows]
+
+
+# ---------------------------------------------------------------- read-only queries for metrics (gateway/health.py)
+
+
+async def outbox_backlog(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[int, float]:
+    """(unsent events, age in seconds of the oldest unsent one, 0 if none)."""
+    row = await conn.fetchrow(
+        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8"
+        " FROM outbox WHERE sent_at IS NULL")
+    return int(row[0]), float(row[1])
+
+
+async def outbox_high_water(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+    return int(await conn.fetchval("SELECT COALESCE(max(id), 0) FROM outbox"))
+
+
+async def outbox_events_since(conn: asyncpg.Connection | asyncpg.Pool, after_id: int,
+                              event_name: str) -> tuple[int, int]:
+    """(how many `event_name` rows have an id above `after_id`, the highest id seen) for a counter."""
+    row = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE event_name = $2), COALESCE(max(id), $1) FROM outbox WHERE id > $1",
+        after_id, event_name)
+    return int(row[0]), int(row[1])

@@ -1,0 +1,181 @@
+"""Variant validation against the Catalog Service, behind a cache and a circuit breaker.
+
+Before a stock movement the gateway asks whether the variant exists, is active and
+tracks inventory (shared/spec/integrations.md, "Integración con Catalog Service").
+The order of the answer's sources follows the spec's "Graceful Degradation":
+
+1. the cache (Redis or the in-process LRU): source `cache`;
+2. the Catalog over gRPC, unless its breaker is open: source `catalog` (and cached);
+3. neither: with degraded mode on (the default) the operation is allowed as if the
+   variant were valid, with source `degraded` in the ledger and the log; with it off,
+   the caller gets `CatalogUnavailable` (UNAVAILABLE at the gRPC edge).
+
+The client keeps ONE long-lived channel (not one per call as in the spec's sketch);
+the spec's retry policy (UNAVAILABLE and DEADLINE_EXCEEDED, 3 attempts, 0.1 s to 1 s
+exponential backoff) is the channel's service config, and every call has a 5 s deadline
+that covers all its attempts. A call that fails after its retries counts once on the
+breaker. "Not found" answers are not cached, so a variant created a moment later is
+seen at once; positive answers are, and the Catalog's update/delete events invalidate them.
+
+This module knows nothing of the edges: `gateway.flows.Core.check_variant` turns a
+`Validation` into the domain's FlowErrors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.breaker import CircuitBreaker
+from gateway.config import Settings
+from gateway.pb import catalog_pb2, catalog_pb2_grpc
+from gateway.variant_cache import VariantCache, VariantInfo
+
+log = logging.getLogger("inventory.catalog")
+
+CATALOG_SERVICE = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
+
+
+def service_config(timeout: float) -> str:
+    """The spec's retry policy ("Rate Limiting & Retry Logic") as a gRPC service config."""
+    return json.dumps({
+        "methodConfig": [{
+            "name": [{"service": CATALOG_SERVICE}],
+            "timeout": f"{timeout:g}s",
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "DEADLINE_EXCEEDED"],
+            },
+        }],
+    })
+
+
+class CatalogUnavailable(Exception):
+    """The Catalog could not answer (after retries), or its breaker is open."""
+
+
+class CatalogClient:
+    """One grpc.aio channel to the Catalog for the life of the gateway."""
+
+    def __init__(self, target: str, timeout: float = 5.0) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(target, options=[
+            ("grpc.service_config", service_config(timeout)),
+            ("grpc.enable_retries", 1),
+            # Reconnect soon after an outage, so a half-open trial finds the channel ready.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 5_000),
+            ("grpc.max_receive_message_length", 10 * 1024 * 1024),
+        ])
+        self.stub = catalog_pb2_grpc.CatalogServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def validate(self, organization_id: str, variant_id: str) -> VariantInfo:
+        """Raises CatalogUnavailable when the Catalog did not answer; NOT_FOUND means "does not exist"."""
+        request = catalog_pb2.ValidateVariantRequest(organization_id=organization_id, variant_id=variant_id)
+        try:
+            reply = await self.stub.ValidateVariant(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return VariantInfo(exists=False)
+            raise CatalogUnavailable(f"{e.code().name}: {e.details()}") from None
+        return VariantInfo(exists=reply.exists, is_active=reply.is_active, tracks_inventory=reply.tracks_inventory,
+                           sku=reply.sku, product_name=reply.product_name)
+
+    async def probe(self, timeout: float = 3.0) -> None:
+        """A readiness probe: the standard health service; a Catalog without one still answered."""
+        try:
+            await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise CatalogUnavailable(f"{e.code().name}: {e.details()}") from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclass(frozen=True)
+class Validation:
+    info: VariantInfo
+    source: str  # "catalog", "cache" or "degraded"
+
+
+DEGRADED = VariantInfo(exists=True, is_active=True, tracks_inventory=True)
+
+
+class VariantValidator:
+    """cache → Catalog (behind its breaker) → degraded mode or CatalogUnavailable."""
+
+    def __init__(self, client: CatalogClient, cache: VariantCache, breaker: CircuitBreaker, *,
+                 degraded_mode: bool = True) -> None:
+        self.client = client
+        self.cache = cache
+        self.breaker = breaker
+        self.degraded_mode = degraded_mode
+        self.counts: dict[str, int] = {"catalog": 0, "cache": 0, "degraded": 0, "unavailable": 0}
+        self.last_latency = 0.0
+
+    async def check(self, organization_id: str, variant_id: str) -> Validation:
+        cached = await self.cache.get(organization_id, variant_id)
+        if cached is not None:
+            return self._count(Validation(cached, "cache"))
+        if self.breaker.allow():
+            started = time.perf_counter()
+            try:
+                info = await self.client.validate(organization_id, variant_id)
+            except CatalogUnavailable as e:
+                self.breaker.record_failure(str(e))
+                why = str(e)
+            else:
+                self.last_latency = time.perf_counter() - started
+                self.breaker.record_success()
+                if info.exists:
+                    await self.cache.put(organization_id, variant_id, info)
+                return self._count(Validation(info, "catalog"))
+        else:
+            why = "circuit breaker open"
+        ids = {"organization_id": organization_id, "variant_id": variant_id}
+        if self.degraded_mode:
+            log.warning("catalog unavailable (%s): variant not validated, source degraded", why, extra=ids)
+            return self._count(Validation(DEGRADED, "degraded"))
+        self.counts["unavailable"] += 1
+        log.warning("catalog unavailable (%s) and degraded mode is off: refusing", why, extra=ids)
+        raise CatalogUnavailable(f"catalog unavailable ({why}); retry later")
+
+    async def invalidate(self, organization_id: str, variant_id: str) -> None:
+        """For the consumer of catalog.variant.updated / catalog.variant.deleted."""
+        await self.cache.invalidate(organization_id, variant_id)
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.cache.close()
+
+    def _count(self, validation: Validation) -> Validation:
+        self.counts[validation.source] += 1
+        return validation
+
+
+def build_validator(settings: Settings, cache: VariantCache, breaker: CircuitBreaker) -> VariantValidator | None:
+    """The validator, or None (logged once, here at start-up) when no Catalog is configured."""
+    if not settings.catalog_host or not settings.catalog_port:
+        if settings.catalog_host or settings.catalog_port:
+            log.warning("variant validation is OFF: set both CATALOG_GRPC_HOST and CATALOG_GRPC_PORT "
+                        "(got host %r, port %r)", settings.catalog_host, settings.catalog_port)
+        else:
+            log.info("variant validation is off: CATALOG_GRPC_HOST and CATALOG_GRPC_PORT are unset")
+        return None
+    target = f"{settings.catalog_host}:{settings.catalog_port}"
+    log.info("validating variants against the Catalog at %s (%s cache, degraded mode %s)", target, cache.kind,
+             "on" if settings.catalog_degraded_mode else "off")
+    return VariantValidator(CatalogClient(target, settings.catalog_timeout_seconds), cache, breaker,
+                            degraded_mode=settings.catalog_degraded_mode)

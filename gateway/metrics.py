@@ -1,0 +1,331 @@
+"""Prometheus metrics of one gateway, and the gRPC interceptor that measures and logs every call.
+
+Each gateway owns a `Metrics` with its own registry (two gateways in one test process
+do not mix their numbers); `/metrics` (gateway/http.py) renders it. Values come from
+three places:
+
+* the hot path increments them directly: RPCs by method and code (the interceptor),
+  reservations by outcome (gateway/flows.py), shard call latency (`MeasuredBridge`),
+  AMQP consumption, lag and dead letters (the AMQP consumers);
+* the health loop (gateway/health.py) polls what lives elsewhere: the outbox depth and
+  the age of its oldest unsent event, reservation expirations (new
+  `inventory.reservation.expired` outbox rows), each shard's `ShardStatus`, bridge batches;
+* a collector reads the circuit breakers and the Catalog validator at scrape time.
+
+The interceptor also gives every request a request id (the caller's `x-request-id`
+metadata, else a generated one) and puts it, with the request's organization_id,
+order_id, reservation_id, variant_id and warehouse_id, on every log record emitted
+while the request runs (`RequestContextFilter`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from actors.messages import Command, Reply
+from gateway.breaker import STATE_VALUE, Breakers
+from gateway.bridge import ActorBridge, BridgeStats
+
+if TYPE_CHECKING:
+    from gateway.catalog import VariantValidator
+
+log = logging.getLogger("inventory.requests")
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.rpc_requests = Counter(
+            "inventory_grpc_requests", "gRPC calls handled, by method and status code",
+            ["service", "method", "code"], registry=r)
+        self.rpc_latency = Histogram(
+            "inventory_grpc_request_duration_seconds", "gRPC call latency, by method and status code",
+            ["service", "method", "code"], buckets=LATENCY_BUCKETS, registry=r)
+        self.reservations = Counter(
+            "inventory_reservations", "ReserveStock outcomes (reserved, replayed, or the rejection code)",
+            ["outcome"], registry=r)
+        self.expirations = Counter(
+            "inventory_reservation_expirations",
+            "Reservations expired by their TTL (inventory.reservation.expired events written since start)",
+            registry=r)
+        self.outbox_unsent = Gauge(
+            "inventory_outbox_unsent_events", "Outbox events not yet published", registry=r)
+        self.outbox_oldest_age = Gauge(
+            "inventory_outbox_oldest_unsent_age_seconds", "Age of the oldest unpublished outbox event (0: none)",
+            registry=r)
+        self.consumed = Counter(
+            "inventory_amqp_consumed_messages", "Incoming AMQP messages, by queue and outcome (ack, retry, dead)",
+            ["queue", "outcome"], registry=r)
+        self.consumer_lag = Gauge(
+            "inventory_amqp_consumer_lag_messages", "Messages waiting in a consumed queue", ["queue"], registry=r)
+        self.dead_lettered = Counter(
+            "inventory_amqp_dead_lettered_messages", "Incoming messages sent to the dead-letter queue",
+            ["queue", "reason"], registry=r)
+        self.batch_size = Histogram(
+            "inventory_shard_batch_size", "Commands per batch sent to a shard (sampled by the health loop)",
+            buckets=BATCH_BUCKETS, registry=r)
+        self.shard_call_latency = Histogram(
+            "inventory_shard_call_duration_seconds",
+            "From handing a command to the bridge to the shard's committed reply (queueing + batch commit)",
+            ["shard"], buckets=LATENCY_BUCKETS, registry=r)
+        self.resident_stocks = Gauge(
+            "inventory_shard_resident_stocks", "Stocks held in a shard's memory", ["shard"], registry=r)
+        self.pending_timers = Gauge(
+            "inventory_shard_pending_timers", "Reservation expiry timers pending in a shard", ["shard"], registry=r)
+        self.shard_up = Gauge(
+            "inventory_shard_up", "1 when the shard answered its status and holds its database lock",
+            ["shard"], registry=r)
+        self.dependency_up = Gauge(
+            "inventory_dependency_up", "1 when the last check of a dependency succeeded (-1: not configured)",
+            ["dependency"], registry=r)
+        self.dependency_latency = Gauge(
+            "inventory_dependency_check_latency_seconds", "Latency of the last check of a dependency",
+            ["dependency"], registry=r)
+        self.snapshots = SnapshotCollector()
+        r.register(self.snapshots)
+        self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._shard_children: dict[int, Any] = {}
+        self._bridge_seen = 0
+
+    # ------------------------------------------------------------ hot path
+
+    def rpc(self, method: str, code: str, seconds: float) -> None:
+        children = self._rpc_children.get((method, code))
+        if children is None:
+            service, _, name = method.lstrip("/").partition("/")
+            children = (self.rpc_requests.labels(service, name, code), self.rpc_latency.labels(service, name, code))
+            self._rpc_children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def reservation(self, outcome: str) -> None:
+        self.reservations.labels(outcome).inc()
+
+    def shard_call(self, shard: int, seconds: float) -> None:
+        child = self._shard_children.get(shard)
+        if child is None:
+            child = self._shard_children[shard] = self.shard_call_latency.labels(str(shard))
+        child.observe(seconds)
+
+    # ------------------------------------------------------------ polled
+
+    def observe_bridge(self, stats: BridgeStats) -> None:
+        """Feed the batch-size histogram with the batches sent since the last poll (the last 1,024 at most)."""
+        new = stats.batches - self._bridge_seen
+        if new <= 0:
+            return
+        for _ in range(3):  # the bridge thread appends concurrently; a copy may have to be retried
+            try:
+                sizes = list(stats.batch_sizes)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return
+        self._bridge_seen = stats.batches
+        for size in sizes[-new:]:
+            self.batch_size.observe(size)
+
+
+class SnapshotCollector(Collector):
+    """Values read at scrape time from objects the gateway holds (breakers, validator, bridge)."""
+
+    def __init__(self) -> None:
+        self.breakers: Breakers | None = None
+        self.validator: VariantValidator | None = None
+        self.bridge: ActorBridge | None = None
+        self.shard_totals: dict[int, tuple[int, int]] = {}  # shard -> (batches, commands) from ShardStatus
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        state = GaugeMetricFamily("inventory_circuit_breaker_state",
+                                  "Circuit breaker state per dependency: 0 closed, 1 half-open, 2 open",
+                                  labels=["dependency"])
+        failures = GaugeMetricFamily("inventory_circuit_breaker_failures",
+                                     "Consecutive failures counted by a dependency's breaker", labels=["dependency"])
+        for name, breaker in sorted((self.breakers or {}).items()):
+            state.add_metric([name], STATE_VALUE[breaker.state])
+            failures.add_metric([name], breaker.failures)
+        yield state
+        yield failures
+        validations = CounterMetricFamily("inventory_catalog_validations",
+                                          "Variant validations by the source of the answer (catalog, cache, "
+                                          "degraded) or unavailable", labels=["source"])
+        if self.validator is not None:
+            for source, n in sorted(self.validator.counts.items()):
+                validations.add_metric([source], n)
+        yield validations
+        if self.bridge is not None:
+            stats = self.bridge.stats
+            yield CounterMetricFamily("inventory_bridge_batches", "Batches the bridge sent to shards",
+                                      value=stats.batches)
+            yield CounterMetricFamily("inventory_bridge_commands", "Commands the bridge sent to shards",
+                                      value=stats.commands)
+            yield CounterMetricFamily("inventory_bridge_timeouts", "Batches a shard did not answer in time",
+                                      value=stats.timeouts)
+        batches = CounterMetricFamily("inventory_shard_batches", "Batches a shard processed (its ShardStatus)",
+                                      labels=["shard"])
+        commands = CounterMetricFamily("inventory_shard_commands", "Commands a shard processed (its ShardStatus)",
+                                       labels=["shard"])
+        for shard, (b, c) in sorted(self.shard_totals.items()):
+            batches.add_metric([str(shard)], b)
+            commands.add_metric([str(shard)], c)
+        yield batches
+        yield commands
+
+
+class MeasuredBridge(ActorBridge):
+    """The ActorBridge, timing every call from hand-over to the shard's (committed) reply."""
+
+    metrics: Metrics | None = None
+
+    async def call(self, shard: int, command: Command) -> Reply:
+        started = time.perf_counter()
+        reply = await super().call(shard, command)
+        if self.metrics is not None:
+            self.metrics.shard_call(shard, time.perf_counter() - started)
+        return reply
+
+
+# ---------------------------------------------------------------- request context and the interceptor
+
+REQUEST_FIELDS = ("organization_id", "order_id", "reservation_id", "variant_id", "warehouse_id")
+request_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "inventory_request_context", default=None)
+_ids = itertools.count(1)
+_id_prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
+
+
+class RequestContextFilter(logging.Filter):
+    """Adds the running request's ids to every record that does not carry them already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = request_context.get()
+        if ctx:
+            for key, value in ctx.items():
+                if getattr(record, key, None) is None:
+                    setattr(record, key, value)
+        return True
+
+
+def install_request_logging() -> None:
+    """Put the filter on the root handlers (once): records of every logger pass through them."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestContextFilter) for f in handler.filters):
+            handler.addFilter(RequestContextFilter())
+
+
+_QUIET = {"OK"}
+_EXPECTED = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EXISTS", "CANCELLED"}
+_TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+
+
+def _request_ids(request: object, metadata: Any) -> dict[str, str]:
+    ids: dict[str, str] = {}
+    for key in REQUEST_FIELDS:
+        value = getattr(request, key, None)
+        if isinstance(value, str) and value:
+            ids[key] = value
+    items = getattr(request, "items", None)
+    if "variant_id" not in ids and items is not None and len(items) == 1:
+        variant = getattr(items[0], "variant_id", "")
+        if variant:
+            ids["variant_id"] = variant
+    request_id = ""
+    for key, value in metadata or ():
+        if key == "x-request-id" and isinstance(value, str):
+            request_id = value[:128]
+            break
+    ids["request_id"] = request_id or f"{_id_prefix}{next(_ids):x}"
+    return ids
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times unary calls by method and code, and logs them with the request's ids."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streams (health Watch, reflection) pass through
+        method: str = details.method  # type: ignore[attr-defined]
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
+                self._measure(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return wrapped
+
+    def _measure(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        metrics = self.metrics
+        short = method.rsplit("/", 1)[-1]
+
+        async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            ids = _request_ids(request, context.invocation_metadata())
+            request_context.set(ids)
+            started = time.perf_counter()
+            failure: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except BaseException as e:
+                failure = e
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                code = _code_of(context, failure)
+                metrics.rpc(method, code, elapsed)
+                _log_call(short, code, elapsed, ids, context, failure)
+
+        return measured
+
+
+def _code_of(context: grpc.aio.ServicerContext, failure: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if failure is None:
+        return "OK"
+    if isinstance(failure, (KeyboardInterrupt, SystemExit)):
+        return "UNKNOWN"
+    return "CANCELLED" if type(failure).__name__ == "CancelledError" else "UNKNOWN"
+
+
+def _log_call(method: str, code: str, elapsed: float, ids: dict[str, str], context: grpc.aio.ServicerContext,
+              failure: BaseException | None) -> None:
+    if code in _QUIET:
+        level = logging.DEBUG
+    elif code in _EXPECTED:
+        level = logging.INFO
+    elif code in _TRANSIENT:
+        level = logging.WARNING
+    else:
+        level = logging.ERROR
+    if not log.isEnabledFor(level):
+        return
+    details = context.details() if code != "OK" else None
+    unexpected = level == logging.ERROR and failure is not None and type(failure).__name__ != "AbortError"
+    log.log(level, "rpc %s %s in %.1f ms%s", method, code, elapsed * 1000, f": {details}" if details else "",
+            extra=ids, exc_info=failure if unexpected else None)
