@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from actors.system import fetch_shard_map, join
 from gateway.bridge import ActorBridge
 from gateway.config import Settings
+from gateway.events import EventIntegration
 from gateway.flows import Core
 from gateway.health import Operations, ShardProbe
 from gateway.metrics import MeasuredBridge, Metrics, RpcInterceptor, install_request_logging
@@ -45,6 +46,7 @@ class Gateway:
     bridge: ActorBridge
     pool: asyncpg.Pool
     ops: Operations | None = None
+    events: EventIntegration | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -55,7 +57,11 @@ class Gateway:
         if self.ops is not None:
             await self.ops.monitor.stop()  # /readyz 503 and health never SERVING again
         await self.set_serving(False)
+        if self.events is not None:
+            await self.events.stop_consumers(grace)  # what is not acked goes back to its queue
         await self.server.stop(grace)
+        if self.events is not None:
+            await self.events.stop_relay()  # publish what the last calls wrote, once
         await self.bridge.stop()
         if self.ops is not None:
             await self.ops.close()
@@ -109,6 +115,7 @@ async def start_gateway(settings: Settings) -> Gateway:
     gw = Gateway(server, port, health_servicer, bridge, pool, ops)
     await gw.set_serving(True)
     ops.monitor.start(gw.set_serving)
+    gw.events = EventIntegration.start(settings, core)
     log.info("gateway serving gRPC on port %d with %d shards", port, bridge.shard_count)
     return gw
 

@@ -49,7 +49,12 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None  # None: embedded Postgres under data_dir
-    amqp_url: str | None = None
+    amqp_url: str | None = None  # unset: no consumers and no relay; events wait in the outbox
+    amqp_prefix: str = ""  # prepended to every exchange and queue name (isolation of tests, tenants)
+    amqp_max_attempts: int = 8  # deliveries of a message failing transiently before it is dead-lettered
+    amqp_retry_seconds: float = 1.0  # first retry delay; doubles per attempt, at most 60 s
+    relay_batch: int = 500  # outbox rows published per round (one confirm wait)
+    relay_poll_seconds: float = 0.05  # how often an idle relay looks for new outbox rows
     redis_url: str | None = None
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
@@ -87,6 +92,11 @@ class Settings:
         return cls(
             database_url=e.get("INVENTORY_DATABASE_URL") or None,
             amqp_url=e.get("INVENTORY_AMQP_URL") or None,
+            amqp_prefix=e.get("INVENTORY_AMQP_PREFIX", ""),
+            amqp_max_attempts=_int(e, "INVENTORY_AMQP_MAX_ATTEMPTS", 8, 1, 1000),
+            amqp_retry_seconds=_float(e, "INVENTORY_AMQP_RETRY_SECONDS", 1.0),
+            relay_batch=_int(e, "INVENTORY_RELAY_BATCH", 500, 1, 10_000),
+            relay_poll_seconds=_float(e, "INVENTORY_RELAY_POLL_SECONDS", 0.05),
             redis_url=e.get("INVENTORY_REDIS_URL") or None,
             grpc_host=e.get("INVENTORY_GRPC_HOST", "0.0.0.0") or "0.0.0.0",
             grpc_port=_int(e, "INVENTORY_GRPC_PORT", 50051, 0, 65535),

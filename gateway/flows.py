@@ -5,6 +5,7 @@ codes to its own error table (gRPC status; AMQP ack, retry or dead-letter).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -325,3 +326,16 @@ async def emit_event(core: Core, name: str, organization_id: str, data: dict[str
     except (OSError, asyncpg.PostgresError) as e:
         raise unavailable(e) from None
     return row[0]
+
+
+async def emit_event_once(core: Core, name: str, organization_id: str, data: dict[str, object],
+                          event_id: str) -> bool:
+    """Like emit_event with a caller-chosen event_id (derived from what it answers): a second call
+    for the same thing writes nothing. Returns True if the row was written now."""
+    _, _, _, payload = outbox.envelope(name, organization_id, data, time.time())
+    body = json.loads(payload)
+    body["event_id"] = event_id
+    try:
+        return await queries.outbox_insert_once(core.pool, event_id, name, organization_id, json.dumps(body))
+    except (OSError, asyncpg.PostgresError) as e:
+        raise unavailable(e) from None

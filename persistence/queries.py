@@ -121,3 +121,69 @@ async def outbox_events_since(conn: asyncpg.Connection | asyncpg.Pool, after_id:
         "SELECT count(*) FILTER (WHERE event_name = $2), COALESCE(max(id), $1) FROM outbox WHERE id > $1",
         after_id, event_name)
     return int(row[0]), int(row[1])
+
+
+# ---------------------------------------------------------------- the outbox relay and the event inbox (gateway/relay.py, events.py)
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    id: int
+    event_id: str
+    event_name: str
+    payload: str  # the envelope as JSON text, published as is
+
+
+async def outbox_unsent(conn: asyncpg.Connection, limit: int) -> list[OutboxEntry]:
+    """The oldest unsent rows in id order (per stock, id order is commit order: one shard writes a stock)."""
+    rows = await conn.fetch(
+        "SELECT id, event_id::text, event_name, payload::text FROM outbox WHERE sent_at IS NULL"
+        " ORDER BY id LIMIT $1", limit)
+    return [OutboxEntry(*r) for r in rows]
+
+
+async def outbox_mark_sent(conn: asyncpg.Connection, ids: list[int]) -> None:
+    await conn.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[]) AND sent_at IS NULL", ids)
+
+
+async def outbox_insert_once(conn: asyncpg.Connection | asyncpg.Pool, event_id: str, event_name: str,
+                             organization_id: str, payload: str) -> bool:
+    """Insert an outbox row unless one with this event_id exists; True if inserted."""
+    status = await conn.execute(
+        "INSERT INTO outbox (event_id, event_name, organization_id, payload) VALUES ($1::uuid, $2, $3, $4::jsonb)"
+        " ON CONFLICT (event_id) DO NOTHING", event_id, event_name, organization_id, payload)
+    return bool(status.endswith(" 1"))
+
+
+async def inbox_claim(pool: asyncpg.Pool, queue: str, key: str, organization_id: str,
+                      lease_seconds: float) -> str:
+    """Claim an incoming message's key: 'claimed', 'done' (a duplicate) or 'busy' (another consumer has it)."""
+    claimed = await pool.fetchval(
+        """INSERT INTO inbox (queue, message_key, organization_id, status, claimed_until)
+           VALUES ($1, $2, $3, 'processing', now() + make_interval(secs => $4))
+           ON CONFLICT (queue, message_key) DO UPDATE SET claimed_until = EXCLUDED.claimed_until
+           WHERE inbox.status = 'processing' AND inbox.claimed_until < now()
+           RETURNING true""", queue, key, organization_id, lease_seconds)
+    if claimed:
+        return "claimed"
+    status = await pool.fetchval("SELECT status FROM inbox WHERE queue = $1 AND message_key = $2", queue, key)
+    return "done" if status == "done" else "busy"
+
+
+async def inbox_done(pool: asyncpg.Pool, queue: str, key: str, outcome: str) -> None:
+    await pool.execute(
+        "UPDATE inbox SET status = 'done', outcome = $3, processed_at = now(), claimed_until = NULL"
+        " WHERE queue = $1 AND message_key = $2", queue, key, outcome)
+
+
+async def inbox_release(pool: asyncpg.Pool, queue: str, key: str) -> None:
+    """Give a claim back after a failure, so the retried delivery may claim it at once."""
+    await pool.execute("DELETE FROM inbox WHERE queue = $1 AND message_key = $2 AND status = 'processing'",
+                       queue, key)
+
+
+async def inbox_prune(pool: asyncpg.Pool, older_than_seconds: float) -> int:
+    status = await pool.execute(
+        "DELETE FROM inbox WHERE status = 'done' AND processed_at < now() - make_interval(secs => $1)",
+        older_than_seconds)
+    return int(status.split()[-1])

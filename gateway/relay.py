@@ -1,0 +1,229 @@
+"""The outbox relay: publishes committed outbox rows to RabbitMQ, then marks them sent.
+
+Events leave only through the outbox (DESIGN.md, Events): each shard writes its rows in
+the same transaction as the change. The relay reads the unsent rows in id order, a batch
+at a time, publishes all of them on a channel with publisher confirms (every publish of
+the batch in flight at once, the confirms awaited together), and marks the confirmed
+prefix sent in one UPDATE. A row is marked only after the broker confirmed it, so
+nothing is lost; a crash between confirm and UPDATE publishes it again (at-least-once:
+consumers drop duplicates by `event_id` / `message_id`).
+
+Order: per stock, id order is commit order (one shard writes a stock, one batch after
+another), and one relay publishes on one channel in id order. Several gateways may run a
+relay; a session advisory lock in Postgres makes exactly one of them active, the others
+stand by and take over within a second when it goes away.
+
+RabbitMQ down: rows stay unsent (the outbox grows), the robust connection reconnects by
+itself, and the relay drains the backlog in order when the broker is back. Postgres down:
+the relay reconnects and takes the lock again.
+
+Metrics hook: `OutboxRelay.stats` (published, rounds, failures, whether this relay is the
+active one, the last error) for a collector to read; the backlog itself is a query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+
+from gateway import amqp
+from gateway.config import Settings
+from persistence import queries
+
+log = logging.getLogger("inventory.relay")
+
+RELAY_LOCK_ID = 0x1A7E_0002  # arbitrary, constant: "the inventory outbox relay"
+CONFIRM_TIMEOUT = 30.0  # seconds for one batch's publishes and confirms
+READY_TIMEOUT = 1.0  # seconds to wait for a reconnecting channel before backing off
+STANDBY_SECONDS = 1.0  # how often a standby relay tries to become the active one
+MAX_BACKOFF = 2.0
+
+
+class BrokerDown(Exception):
+    pass
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    rounds: int = 0
+    failures: int = 0
+    active: bool = False
+    last_error: str = ""
+    last_published_at: float = 0.0
+
+
+class OutboxRelay:
+    """One relay per gateway; start() runs it in the background, stop() flushes once and closes."""
+
+    def __init__(self, settings: Settings, dsn: str | None = None, *, name: str = "inventory-relay") -> None:
+        assert settings.amqp_url, "the relay needs INVENTORY_AMQP_URL"
+        self.url = settings.amqp_url
+        self.dsn = dsn or settings.database_url
+        assert self.dsn, "the relay needs a database"
+        self.prefix = settings.amqp_prefix
+        self.batch = settings.relay_batch
+        self.poll = settings.relay_poll_seconds
+        self.name = name
+        self.stats = RelayStats()
+        self._stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._amqp: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._db: asyncpg.Connection | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    def wake(self) -> None:
+        """Look for new rows now instead of at the next poll (e.g. right after writing one)."""
+        self._wake.set()
+
+    async def stop(self, flush: bool = True, timeout: float = 5.0) -> None:
+        """Stop polling; if this relay is the active one, publish what is unsent once more; close."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            if flush and self.stats.active:
+                await asyncio.wait_for(self._flush(), timeout)
+        except Exception as e:  # noqa: BLE001 - the rows stay in the outbox for the next start
+            log.warning("relay: final flush incomplete (%s); unsent events stay in the outbox", _describe(e))
+        finally:
+            await self._close()
+
+    async def _flush(self) -> None:
+        while await self.publish_once() >= self.batch:
+            pass
+
+    # ------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                if not await self._ensure():
+                    await self._sleep(STANDBY_SECONDS)
+                    continue
+                n = await self.publish_once()
+                if failures:
+                    log.info("relay: publishing again after %d failed rounds", failures)
+                    failures = 0
+                if n < self.batch:
+                    await self._sleep(self.poll)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure: keep the rows, back off, try again
+                failures += 1
+                self.stats.failures += 1
+                self.stats.last_error = _describe(e)
+                if failures == 1:
+                    log.warning("relay: cannot publish (%s); events stay in the outbox until it recovers",
+                                self.stats.last_error)
+                if isinstance(e, (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+                    await self._close_db()
+                await self._sleep(min(0.1 * 2 ** min(failures, 10), MAX_BACKOFF))
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            pass
+        self._wake.clear()
+
+    async def _ensure(self) -> bool:
+        """Connected to both sides; True if this relay holds the lock (is the active one)."""
+        if self._amqp is None:
+            self._amqp = await amqp.connect(self.url, self.name)
+        if self._channel is None:
+            self._channel = await self._amqp.channel(publisher_confirms=True)
+            self._exchange = await amqp.declare_inventory_exchange(self._channel, self.prefix)
+        if self._db is None or self._db.is_closed():
+            self._db = None
+            self.stats.active = False
+            self._db = await asyncpg.connect(self.dsn, timeout=10)
+        if not self.stats.active:
+            self.stats.active = bool(await self._db.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_ID))
+            if self.stats.active:
+                log.info("relay: active (publishing the outbox to %s)", self.prefix + amqp.INVENTORY_EXCHANGE)
+        return self.stats.active
+
+    # ------------------------------------------------------------ one round
+
+    async def publish_once(self) -> int:
+        """Publish up to one batch of unsent rows with confirms and mark the confirmed prefix sent."""
+        assert self._db is not None and self._exchange is not None and self._channel is not None
+        rows = await queries.outbox_unsent(self._db, self.batch)
+        self.stats.rounds += 1
+        if not rows:
+            return 0
+        try:  # a robust channel is ready once its connection is up and it has been restored
+            await asyncio.wait_for(self._channel.ready(), READY_TIMEOUT)  # type: ignore[union-attr]
+        except TimeoutError:
+            raise BrokerDown("RabbitMQ connection is down (reconnecting)") from None
+        exchange = self._exchange
+        publishes = [
+            exchange.publish(aio_pika.Message(
+                row.payload.encode(), content_type="application/json", message_id=row.event_id,
+                type=row.event_name, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, app_id="inventory-service",
+            ), routing_key=row.event_name, mandatory=False)
+            for row in rows
+        ]
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*publishes, return_exceptions=True), CONFIRM_TIMEOUT)
+        except TimeoutError:
+            raise BrokerDown(f"no confirms within {CONFIRM_TIMEOUT:.0f} s") from None
+        confirmed = 0
+        for result in results:
+            if isinstance(result, BaseException):
+                break
+            confirmed += 1
+        if confirmed:
+            await queries.outbox_mark_sent(self._db, [row.id for row in rows[:confirmed]])
+            self.stats.published += confirmed
+            self.stats.last_published_at = time.time()
+        if confirmed < len(rows):
+            failure = results[confirmed]
+            assert isinstance(failure, BaseException)
+            raise failure
+        return confirmed
+
+    # ------------------------------------------------------------ closing
+
+    async def _close_db(self) -> None:
+        db, self._db = self._db, None
+        self.stats.active = False
+        if db is not None and not db.is_closed():
+            try:
+                await asyncio.wait_for(db.close(), 2)
+            except Exception:  # noqa: BLE001 - a broken connection: terminate it
+                db.terminate()
+
+    async def _close(self) -> None:
+        await self._close_db()
+        connection, self._amqp, self._channel, self._exchange = self._amqp, None, None, None
+        if connection is not None:
+            try:
+                await asyncio.wait_for(connection.close(), 5)
+            except Exception as e:  # noqa: BLE001 - closing a broken connection
+                log.debug("relay: closing the AMQP connection: %s", _describe(e))
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
