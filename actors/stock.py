@@ -77,17 +77,14 @@ MAX_QUANTITY = 2**31 - 1
 
 
 class Line(msgspec.Struct, frozen=True, array_like=True, gc=False):
-    """One open reservation line of a stock. `expires_at == 0.0` means confirmed (no TTL)."""
+    """One open reservation line of a stock. A confirmed line keeps its expires_at but has no TTL."""
 
     reservation_id: str
     order_id: str
     quantity: int
     expires_at: float
     items_hash: str
-
-    @property
-    def confirmed(self) -> bool:
-        return self.expires_at == 0.0
+    confirmed: bool = False
 
 
 class StockState(msgspec.Struct):
@@ -162,7 +159,7 @@ def apply(state: StockState, event: Event) -> None:
         state.on_hand -= event.quantity
     elif isinstance(event, ReservationConfirmed):
         line = state.lines[event.reservation_id]
-        state.lines[event.reservation_id] = msgspec.structs.replace(line, expires_at=0.0)
+        state.lines[event.reservation_id] = msgspec.structs.replace(line, confirmed=True)
     elif isinstance(event, StockMoved):
         state.on_hand += event.on_hand_delta
         state.in_transit += event.in_transit_delta

@@ -208,8 +208,25 @@ async def reserve(core: Core, org: str, order_id: str, merged: dict[tuple[str, s
                       extra={"organization_id": org, "reservation_id": rid, "order_id": order_id})
     worst = _worst(failures)
     core.metrics.reservation(worst.code)
-    message = "; ".join(f.message for f in failures if f.code == worst.code) or worst.message
-    raise FlowError(worst.code, message, tuple(s for f in failures for s in f.shortages))
+    shortages = sorted((s for f in failures for s in f.shortages), key=lambda s: (s.variant_id, s.warehouse_id))
+    if worst.code == "insufficient_stock" and shortages:
+        message = "insufficient stock for " + "; ".join(
+            f"variant {s.variant_id}: requested {s.requested}, available {s.available}"
+            + (f" in warehouse {s.warehouse_id}" if s.warehouse_id else "") for s in shortages)
+    else:
+        message = "; ".join(f.message for f in failures if f.code == worst.code) or worst.message
+    raise FlowError(worst.code, _bounded(message), tuple(shortages))
+
+
+MAX_MESSAGE = 2000
+"""gRPC carries the message in a header (16 KB limit): 500 short items must not overflow it."""
+
+
+def _bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE:
+        return message
+    cut = message[:MAX_MESSAGE].rsplit("; ", 1)[0]
+    return f"{cut}; … and {message.count('; ') - cut.count('; ')} more"
 
 
 def _worst(failures: list[Rejected]) -> Rejected:

@@ -306,9 +306,10 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
             invalid("page_size: between 1 and 500")
         before: int | None = None
         if request.page_token:
-            if not request.page_token.isdigit():
+            token = request.page_token
+            if not (token.isascii() and token.isdigit() and len(token) <= 18):
                 invalid("page_token: not a token from a previous page")
-            before = int(request.page_token)
+            before = int(token)
         rows = await self._db(queries.list_movements(self.core.pool, org, variant, request.warehouse_id,
                                                      size + 1, before))
         page, more = rows[:size], len(rows) > size

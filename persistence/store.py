@@ -366,8 +366,7 @@ class ShardStore:
             state = states.get((r[0], r[1], r[2]))
             if state is None:
                 continue
-            expires = 0.0 if r[8] == "confirmed" else r[6]
-            state.lines[r[3]] = Line(r[3], r[4], r[5], expires, r[7])
+            state.lines[r[3]] = Line(r[3], r[4], r[5], r[6], r[7], confirmed=r[8] == "confirmed")
             state.reserved += r[5]
         for state in states.values():
             recompute_next_expiry(state)

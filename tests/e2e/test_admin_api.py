@@ -309,10 +309,6 @@ async def test_an_invalid_movement_listing_is_rejected_naming_the_field(shop, gr
     assert error.details().startswith(field + ":"), error.details()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: gateway/service.py _list_movements() accepts any str.isdigit() page_token; one beyond int64 "
-    "makes asyncpg raise DataError and a non-ASCII digit ('²') makes int() raise ValueError, neither is "
-    "caught, so the call ends UNKNOWN ('Unexpected <class ...>') instead of INVALID_ARGUMENT"))
 @pytest.mark.parametrize("token", ["99999999999999999999", "\u00b2"])
 async def test_a_page_token_that_no_page_could_have_given_is_invalid(shop, grpc_error, token):
     await shop.receive("shirt", "north", 1)

@@ -206,10 +206,6 @@ async def test_the_ttl_comes_from_seconds_else_minutes_else_the_default(shop, tt
     assert before + expected - 1 <= expires <= time.time() + expected
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: actors/stock.py _reserve() answers a retry from the open lines with "
-    "expires = max(ln.expires_at), but a confirmed line stores expires_at = 0.0 (its 'no TTL' mark), "
-    "so gateway/service.py returns expires_at '1970-01-01T00:00:00Z' for a retried, confirmed reservation"))
 async def test_retrying_a_confirmed_reservation_does_not_report_it_expired_in_1970(shop):
     await shop.receive("shirt", "north", 10)
     first = await shop.reserve("order-1", ("shirt", 2), ttl_seconds=300)
@@ -473,11 +469,6 @@ async def test_more_than_500_items_are_rejected_but_500_are_accepted(shop, grpc_
         assert (await shop.level("v-499", "north")).available == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: gateway/flows.py reserve() joins one 'variant X: requested q, available a' entry per short "
-    "item into the status details, unbounded; with 500 short items (~20 KB) that exceeds gRPC's 16 KB "
-    "metadata hard limit (8 KB soft), so the client gets RESOURCE_EXHAUSTED 'Stream removed' instead "
-    "of FAILED_PRECONDITION"))
 async def test_a_reservation_with_500_short_items_is_a_failed_precondition(shop, grpc_error):
     await shop.receive("v-0", "north", 1)
 

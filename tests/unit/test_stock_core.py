@@ -502,7 +502,7 @@ def test_a_confirmed_line_never_expires() -> None:
     shard = ShardFake(stock("w1", 5))
     shard.send(reserve("r1", (V, "", 3), expires_at=T0 + 10))
     shard.send(ConfirmReservation(ORG, "r1", (V,)), T0 + 5)
-    assert shard.stock("w1").lines["r1"].expires_at == 0.0
+    assert shard.stock("w1").lines["r1"].confirmed
     decision = shard.send(ExpireReservation(ORG, "r1", V), T0 + 1e9)
     assert decision.events == [] and decision.reply == DoneResult(changed=False)
     assert read(shard, T0 + 1e9) == {"w1": (5, 3, 2)}
