@@ -266,11 +266,11 @@ class HealthMonitor:
     async def tick(self, set_serving: Callable[[bool], Awaitable[None]]) -> None:
         pg = await self.check("postgres")
         if pg.healthy != self.serving and not self.stopping:
-            self.serving = bool(pg.healthy)
+            was, self.serving = self.serving, bool(pg.healthy)
             if not pg.healthy:
                 log.error("Postgres is unreachable: gRPC health NOT_SERVING (%s)", pg.error)
-            elif self.serving is not None:
-                log.info("Postgres is reachable: gRPC health SERVING")
+            elif was is not None:
+                log.info("Postgres is reachable again: gRPC health SERVING")
             await set_serving(self.serving)
         if pg.healthy:
             await self._poll_outbox()
