@@ -44,6 +44,7 @@ log = logging.getLogger("inventory.health")
 
 Probe = Callable[[], Awaitable[dict[str, Any] | None]]  # raises when unhealthy; may return details
 CHECK_TIMEOUT = 3.0
+READINESS_REUSE_SECONDS = 0.5  # /readyz hammered by many callers checks the dependencies at most this often
 EXPIRED_EVENT = "inventory.reservation.expired"
 
 _json = msgspec.json.Encoder().encode
@@ -128,6 +129,8 @@ class HealthMonitor:
         self._pg_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._expired_after: int | None = None
+        self._checking: asyncio.Future[None] | None = None
+        self._checked_at = -1e9
         self.dependencies: dict[str, Dependency] = {}
         self.add_probe("postgres", self._check_postgres, critical=True, breaker=breakers.of("postgres"))
         self.add_probe("shards", self._check_shards, critical=True, breaker=breakers.of("shards"))
@@ -188,13 +191,31 @@ class HealthMonitor:
         return dep
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        await asyncio.gather(*(self.check(name) for name in self.dependencies))
+        if not self.stopping:  # while stopping the answer is 503 anyway, with the last known checks
+            await self._check_all()
         deps = self.dependencies.values()
         ready = not self.stopping and all(d.healthy for d in deps if d.critical and d.probe is not None)
         degraded = any(d.probe is not None and not d.healthy for d in deps if not d.critical)
         status = "not_ready" if not ready else "degraded" if degraded else "ready"
         return ready, {"status": status, "stopping": self.stopping,
                        "checks": {d.name: d.report() for d in deps}}
+
+    async def _check_all(self) -> None:
+        """Check every dependency; concurrent callers share one round, and a fresh round is reused."""
+        if time.monotonic() - self._checked_at < READINESS_REUSE_SECONDS:
+            return
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(self._check_round())
+        task = self._checking
+        try:
+            await asyncio.shield(task)
+        finally:
+            if task.done() and self._checking is task:
+                self._checking = None
+
+    async def _check_round(self) -> None:
+        await asyncio.gather(*(self.check(name) for name in self.dependencies))
+        self._checked_at = time.monotonic()
 
     async def _pg_connection(self) -> asyncpg.Connection:
         if self._pg is None or self._pg.is_closed():
@@ -251,6 +272,8 @@ class HealthMonitor:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        if self._checking is not None:
+            self._checking.cancel()
         async with self._pg_lock:
             await self._drop_pg()
 

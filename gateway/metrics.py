@@ -206,19 +206,39 @@ class MeasuredBridge(ActorBridge):
 # ---------------------------------------------------------------- request context and the interceptor
 
 REQUEST_FIELDS = ("organization_id", "order_id", "reservation_id", "variant_id", "warehouse_id")
-request_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
-    "inventory_request_context", default=None)
 _ids = itertools.count(1)
 _id_prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:x}-"
+_fields_of: dict[type, tuple[tuple[str, ...], bool]] = {}
+
+
+class RequestInfo:
+    """The running request, for its log lines. The ids are read only when something is logged:
+    most successful calls log nothing, and the hot path should not pay for them."""
+
+    __slots__ = ("_ids", "context", "message")
+
+    def __init__(self, message: Any, context: grpc.aio.ServicerContext) -> None:
+        self.message = message
+        self.context = context
+        self._ids: dict[str, str] | None = None
+
+    def ids(self) -> dict[str, str]:
+        if self._ids is None:
+            self._ids = _request_ids(self.message, self.context)
+        return self._ids
+
+
+request_context: contextvars.ContextVar[RequestInfo | None] = contextvars.ContextVar(
+    "inventory_request_context", default=None)
 
 
 class RequestContextFilter(logging.Filter):
     """Adds the running request's ids to every record that does not carry them already."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        ctx = request_context.get()
-        if ctx:
-            for key, value in ctx.items():
+        info = request_context.get()
+        if info is not None:
+            for key, value in info.ids().items():
                 if getattr(record, key, None) is None:
                     setattr(record, key, value)
         return True
@@ -236,19 +256,22 @@ _EXPECTED = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "ALREADY_EX
 _TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 
 
-def _request_ids(request: object, metadata: Any) -> dict[str, str]:
+def _request_ids(request: Any, context: grpc.aio.ServicerContext) -> dict[str, str]:
+    fields = _fields_of.get(type(request))
+    if fields is None:
+        names = getattr(getattr(request, "DESCRIPTOR", None), "fields_by_name", {})
+        fields = _fields_of[type(request)] = (tuple(f for f in REQUEST_FIELDS if f in names), "items" in names)
     ids: dict[str, str] = {}
-    for key in REQUEST_FIELDS:
-        value = getattr(request, key, None)
+    for key in fields[0]:
+        value = getattr(request, key)
         if isinstance(value, str) and value:
             ids[key] = value
-    items = getattr(request, "items", None)
-    if "variant_id" not in ids and items is not None and len(items) == 1:
-        variant = getattr(items[0], "variant_id", "")
+    if fields[1] and "variant_id" not in ids and len(request.items) == 1:
+        variant = getattr(request.items[0], "variant_id", "")
         if variant:
             ids["variant_id"] = variant
     request_id = ""
-    for key, value in metadata or ():
+    for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str):
             request_id = value[:128]
             break
@@ -284,8 +307,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         short = method.rsplit("/", 1)[-1]
 
         async def measured(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            ids = _request_ids(request, context.invocation_metadata())
-            request_context.set(ids)
+            info = RequestInfo(request, context)
+            request_context.set(info)
             started = time.perf_counter()
             failure: BaseException | None = None
             try:
@@ -297,7 +320,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 elapsed = time.perf_counter() - started
                 code = _code_of(context, failure)
                 metrics.rpc(method, code, elapsed)
-                _log_call(short, code, elapsed, ids, context, failure)
+                _log_call(short, code, elapsed, info, context, failure)
 
         return measured
 
@@ -313,7 +336,7 @@ def _code_of(context: grpc.aio.ServicerContext, failure: BaseException | None) -
     return "CANCELLED" if type(failure).__name__ == "CancelledError" else "UNKNOWN"
 
 
-def _log_call(method: str, code: str, elapsed: float, ids: dict[str, str], context: grpc.aio.ServicerContext,
+def _log_call(method: str, code: str, elapsed: float, info: RequestInfo, context: grpc.aio.ServicerContext,
               failure: BaseException | None) -> None:
     if code in _QUIET:
         level = logging.DEBUG
@@ -328,4 +351,4 @@ def _log_call(method: str, code: str, elapsed: float, ids: dict[str, str], conte
     details = context.details() if code != "OK" else None
     unexpected = level == logging.ERROR and failure is not None and type(failure).__name__ != "AbortError"
     log.log(level, "rpc %s %s in %.1f ms%s", method, code, elapsed * 1000, f": {details}" if details else "",
-            extra=ids, exc_info=failure if unexpected else None)
+            extra=info.ids(), exc_info=failure if unexpected else None)
