@@ -293,7 +293,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
             return handler  # streams (health Watch, reflection) pass through
-        method: str = details.method  # type: ignore[attr-defined]
+        method: str = details.method
         wrapped = self._wrapped.get(method)
         if wrapped is None:
             wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
@@ -328,7 +328,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 def _code_of(context: grpc.aio.ServicerContext, failure: BaseException | None) -> str:
     code = context.code()
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        return str(code.name)
     if failure is None:
         return "OK"
     if isinstance(failure, (KeyboardInterrupt, SystemExit)):
