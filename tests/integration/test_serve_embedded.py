@@ -59,7 +59,8 @@ def test_serve_runs_on_an_embedded_postgres_and_stops_everything(tmp_path: Path)
     port, actor_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "INVENTORY_DATABASE_URL"}
     env.update(INVENTORY_DATA_DIR=str(tmp_path / "data"), INVENTORY_GRPC_PORT=str(port),
-               INVENTORY_ACTOR_PORT=str(actor_port), INVENTORY_SHARDS="2", INVENTORY_LOG_JSON="false")
+               INVENTORY_ACTOR_PORT=str(actor_port), INVENTORY_SHARDS="2", INVENTORY_LOG_JSON="false",
+               INVENTORY_HTTP_PORT="0")
     key, value = marker.split("=", 1)
     env[key] = value
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve"], env=env,
