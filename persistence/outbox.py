@@ -40,6 +40,7 @@ MOVEMENT_EVENT = {
     "receipt": "inventory.movement.in",
     "return": "inventory.movement.in",
     "transfer_receive": "inventory.movement.in",
+    "purchase_received": "inventory.movement.in",
     "issue": "inventory.movement.out",
     "adjustment": "inventory.movement.adjustment",
     "transfer_out": "inventory.movement.transfer_out",
