@@ -55,6 +55,7 @@ class Settings:
     amqp_retry_seconds: float = 1.0  # first retry delay; doubles per attempt, at most 60 s
     relay_batch: int = 500  # outbox rows published per round (one confirm wait)
     relay_poll_seconds: float = 0.05  # how often an idle relay looks for new outbox rows
+    relay_in_gateway: bool = True  # false: run `python -m gateway.relay` as a process of its own
     redis_url: str | None = None
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 50051
@@ -97,6 +98,7 @@ class Settings:
             amqp_retry_seconds=_float(e, "INVENTORY_AMQP_RETRY_SECONDS", 1.0),
             relay_batch=_int(e, "INVENTORY_RELAY_BATCH", 500, 1, 10_000),
             relay_poll_seconds=_float(e, "INVENTORY_RELAY_POLL_SECONDS", 0.05),
+            relay_in_gateway=_bool(e, "INVENTORY_RELAY_IN_GATEWAY", True),
             redis_url=e.get("INVENTORY_REDIS_URL") or None,
             grpc_host=e.get("INVENTORY_GRPC_HOST", "0.0.0.0") or "0.0.0.0",
             grpc_port=_int(e, "INVENTORY_GRPC_PORT", 50051, 0, 65535),

@@ -765,7 +765,7 @@ class EventIntegration:
     """The AMQP edge of one gateway: the consumers and the outbox relay."""
 
     consumers: EventConsumers
-    relay: OutboxRelay
+    relay: OutboxRelay | None
 
     @classmethod
     def start(cls, settings: Settings, core: Core) -> EventIntegration | None:
@@ -774,11 +774,15 @@ class EventIntegration:
             log.info("INVENTORY_AMQP_URL is unset: event consumers and the outbox relay are off; "
                      "outgoing events wait in the outbox")
             return None
-        relay = OutboxRelay(settings)
-        relay.start()
+        relay = None
+        if settings.relay_in_gateway:
+            relay = OutboxRelay(settings)
+            relay.start()
         consumers = EventConsumers(settings, EventHandlers(core), core.pool, metrics=getattr(core, "metrics", None))
         consumers.start()
-        log.info("events: consuming from and publishing to RabbitMQ (prefix %r)", settings.amqp_prefix)
+        log.info("events: consuming from RabbitMQ%s (prefix %r)",
+                 " and publishing the outbox" if relay else "; the outbox relay runs elsewhere "
+                 "(INVENTORY_RELAY_IN_GATEWAY=false)", settings.amqp_prefix)
         return cls(consumers, relay)
 
     async def stop_consumers(self, grace: float = 5.0) -> None:
@@ -786,4 +790,5 @@ class EventIntegration:
 
     async def stop_relay(self) -> None:
         """Publish what is in the outbox once more, then close."""
-        await self.relay.stop(flush=True)
+        if self.relay is not None:
+            await self.relay.stop(flush=True)

@@ -17,6 +17,16 @@ RabbitMQ down: rows stay unsent (the outbox grows), the robust connection reconn
 itself, and the relay drains the backlog in order when the broker is back. Postgres down:
 the relay reconnects and takes the lock again.
 
+The relay runs in a thread of its own with its own event loop (its own Postgres and AMQP
+connections), so a burst of publishing never holds the gateway's event loop: a stall of
+that loop of a few hundred ms was measured to make some in-flight gRPC calls fail with
+CANCELLED (grpcio aio server). Within its loop a batch's publishes are started a slice at
+a time, yielding in between.
+
+With INVENTORY_RELAY_IN_GATEWAY=false the gateways run none, and `python -m gateway.relay`
+runs one as a process of its own (any number of them: the lock picks one), which keeps
+its CPU out of the gateways' processes.
+
 Metrics hook: `OutboxRelay.stats` (published, rounds, failures, whether this relay is the
 active one, the last error) for a collector to read; the backlog itself is a query.
 """
@@ -25,8 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import asyncpg
@@ -39,7 +53,8 @@ from persistence import queries
 log = logging.getLogger("inventory.relay")
 
 RELAY_LOCK_ID = 0x1A7E_0002  # arbitrary, constant: "the inventory outbox relay"
-CONFIRM_TIMEOUT = 30.0  # seconds for one batch's publishes and confirms
+CONFIRM_TIMEOUT = 30.0
+PUBLISH_SLICE = 25  # publishes started per event-loop turn  # seconds for one batch's publishes and confirms
 READY_TIMEOUT = 1.0  # seconds to wait for a reconnecting channel before backing off
 STANDBY_SECONDS = 1.0  # how often a standby relay tries to become the active one
 MAX_BACKOFF = 2.0
@@ -75,6 +90,8 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._amqp: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -83,14 +100,44 @@ class OutboxRelay:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=self.name)
+        """Run in a thread of its own, on an event loop of its own (see the module docstring)."""
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name=self.name, daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def _thread_main(self, ready: threading.Event) -> None:
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._task = loop.create_task(self._run(), name=self.name)
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+            leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in leftovers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        finally:
+            loop.close()
 
     def wake(self) -> None:
         """Look for new rows now instead of at the next poll (e.g. right after writing one)."""
-        self._wake.set()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     async def stop(self, flush: bool = True, timeout: float = 5.0) -> None:
         """Stop polling; if this relay is the active one, publish what is unsent once more; close."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or loop.is_closed():
+            return
+        done = asyncio.run_coroutine_threadsafe(self._stop_here(flush, timeout), loop)
+        try:
+            await asyncio.wrap_future(done)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join, timeout + 5)
+
+    async def _stop_here(self, flush: bool, timeout: float) -> None:
         self._stopping.set()
         self._wake.set()
         if self._task is not None:
@@ -177,13 +224,14 @@ class OutboxRelay:
         except TimeoutError:
             raise BrokerDown("RabbitMQ connection is down (reconnecting)") from None
         exchange = self._exchange
-        publishes = [
-            exchange.publish(aio_pika.Message(
+        publishes: list[asyncio.Future[Any]] = []
+        for i, row in enumerate(rows):
+            publishes.append(asyncio.ensure_future(exchange.publish(aio_pika.Message(
                 row.payload.encode(), content_type="application/json", message_id=row.event_id,
                 type=row.event_name, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, app_id="inventory-service",
-            ), routing_key=row.event_name, mandatory=False)
-            for row in rows
-        ]
+            ), routing_key=row.event_name, mandatory=False)))
+            if i % PUBLISH_SLICE == PUBLISH_SLICE - 1:
+                await asyncio.sleep(0)  # let confirms and reads in between
         try:
             results = await asyncio.wait_for(asyncio.gather(*publishes, return_exceptions=True), CONFIRM_TIMEOUT)
         except TimeoutError:
@@ -227,3 +275,42 @@ class OutboxRelay:
 def _describe(e: BaseException) -> str:
     text = str(e)
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ---------------------------------------------------------------- a process of its own
+
+
+async def run_relay(settings: Settings) -> None:
+    """Run one relay until SIGINT/SIGTERM, then flush once (`python -m gateway.relay`)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    relay = OutboxRelay(settings)
+    relay.start()
+    print(f"inventory relay publishing to {settings.amqp_prefix}{amqp.INVENTORY_EXCHANGE}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await relay.stop(flush=True)
+
+
+def main() -> int:
+    from gateway.config import ConfigError
+    from gateway.logs import configure
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as e:
+        print(f"inventory relay: configuration error: {e}", file=sys.stderr)
+        return 2
+    if not settings.amqp_url or not settings.database_url:
+        print("inventory relay: INVENTORY_AMQP_URL and INVENTORY_DATABASE_URL are required", file=sys.stderr)
+        return 2
+    configure(settings.log_level, settings.log_json)
+    asyncio.run(run_relay(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -335,3 +335,31 @@ async def test_stopping_gives_unacked_messages_back_to_the_queue(broker: Abstrac
 
 async def _async(value: T) -> T:
     return value
+
+
+# ---------------------------------------------------------------- the real handlers' error table, without a broker
+
+
+async def test_without_an_amqp_url_events_are_off_and_the_service_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.events import EventIntegration
+
+    caplog.set_level("INFO", logger="inventory.events")
+    assert EventIntegration.start(Settings(amqp_url=None), core=None) is None  # type: ignore[arg-type]
+    lines = [r.getMessage() for r in caplog.records if r.name == "inventory.events"]
+    assert lines == [("INVENTORY_AMQP_URL is unset: event consumers and the outbox relay are off; "
+                      "outgoing events wait in the outbox")]
+
+
+async def test_postgres_down_makes_an_order_event_a_transient_failure_to_retry() -> None:
+    from gateway.events import EventHandlers
+    from gateway.flows import Core
+
+    dead = await asyncpg.create_pool("postgresql://root@127.0.0.1:1/nowhere", min_size=0, max_size=1)
+    try:
+        handlers = EventHandlers(Core(Settings(), None, dead))  # type: ignore[arg-type]
+        for event in ("order.confirmed", "order.cancelled", "order.shipped"):
+            msg = parse(json.dumps({"event": event, "data": {"order_id": "o1"}}).encode(), ORDER_EVENTS, "org")
+            with pytest.raises(Transient, match="database unavailable"):
+                await handlers.handle(msg)
+    finally:
+        await dead.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -229,3 +231,22 @@ async def test_a_relay_whose_broker_is_unreachable_leaves_the_rows_and_says_so(p
 
 async def _async(value: T) -> T:
     return value
+
+
+async def test_the_relay_runs_as_a_process_of_its_own_and_flushes_on_sigterm(pool: asyncpg.Pool, tap: Tap,
+                                                                             prefix: str) -> None:
+    org = str(uuid.uuid4())
+    env = dict(os.environ, INVENTORY_DATABASE_URL=DSN, INVENTORY_AMQP_URL=AMQP_URL, INVENTORY_AMQP_PREFIX=prefix,
+               INVENTORY_RELAY_POLL_SECONDS="0.02", INVENTORY_LOG_LEVEL="WARNING")
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "gateway.relay", env=env,
+                                                   stdout=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 20)
+        assert line.decode().startswith(f"inventory relay publishing to {prefix}inventory_events")
+        await write_events(pool, org, 50)
+        await until(lambda: _async(len(tap.events(org)) >= 50), what="50 events from the relay process")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+    assert [e["data"]["n"] for e in tap.events(org)] == list(range(50))
