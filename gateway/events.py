@@ -459,6 +459,7 @@ class EventHandlers:
 INBOX_LEASE_SECONDS = 120.0  # a claim of a consumer that died is free again after this
 INBOX_RETENTION_SECONDS = 7 * 24 * 3600.0  # how long handled keys are remembered
 MAX_RETRY_DELAY = 60.0
+LAG_POLL_SECONDS = 5.0
 ERROR_HEADER = "x-inventory-error"
 ATTEMPTS_HEADER = "x-inventory-attempts"
 _DROPPED_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
@@ -522,6 +523,7 @@ class EventConsumers:
         self._inflight: set[asyncio.Task[None]] = set()
         self._locks = _KeyedLocks()
         self._last_prune = 0.0
+        self._lag_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -562,11 +564,31 @@ class EventConsumers:
             self._consuming.append((queue, tag))
         self.ready.set()
         log.info("consumers: consuming %s", ", ".join(q.name for q, _ in self._consuming))
+        if self.metrics is not None and self._lag_task is None:
+            self._lag_task = asyncio.create_task(self._watch_lag(), name=f"{self.name}-lag")
+
+    async def _watch_lag(self) -> None:
+        """inventory_amqp_consumer_lag_messages: what waits in each consumed queue, every few seconds."""
+        while not self._stopping.is_set():
+            for queue, _ in self._consuming:
+                try:
+                    declared = await asyncio.wait_for(queue.declare(), 5)
+                except Exception as e:  # noqa: BLE001 - the broker may be down: try again later
+                    log.debug("consumers: queue depth of %s: %s", queue.name, _text(e))
+                    continue
+                self.metrics.consumer_lag.labels(queue.name).set(declared.message_count or 0)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), LAG_POLL_SECONDS)
+            except TimeoutError:
+                pass
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking messages, let the ones in progress finish (up to `grace`; later ones are cancelled),
         close: what was not acked goes back to its queue."""
         self._stopping.set()
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            await asyncio.gather(self._lag_task, return_exceptions=True)
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), grace)

@@ -775,3 +775,41 @@ async def test_while_rabbitmq_is_down_grpc_keeps_serving_the_outbox_grows_and_dr
     placed = await svc.publish("order_events", "order.placed",
                                {"order_id": "after-outage", "items": [{"variant_id": "bolt", "quantity": 2}]}, org)
     assert await svc.handled("order.placed", placed, timeout=20) == "reserved"
+
+
+# ---------------------------------------------------------------- metrics
+
+
+async def metrics_text(svc: EventsService) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", svc.http_port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    body = await reader.read()
+    writer.close()
+    return body.decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_the_consumers_count_what_they_did_in_the_metrics(svc: EventsService, org: str) -> None:
+    queue = svc.prefix + "inventory_catalog_consumer"
+    before = await metrics_text(svc)
+    acked = metric(before, "inventory_amqp_consumed_messages_total", queue=queue, outcome="ack") or 0
+    dead = metric(before, "inventory_amqp_dead_lettered_messages_total", queue=queue, reason="malformed") or 0
+    await svc.publish("catalog_events", "catalog.variant.created", {}, org, raw=b"[1, 2]")
+    done = await svc.publish("catalog_events", "catalog.variant.updated", {"variant_id": "v"}, org)
+    await svc.handled("catalog.variant.updated", done)
+
+    async def counted() -> str | None:
+        text = await metrics_text(svc)
+        ok = (metric(text, "inventory_amqp_consumed_messages_total", queue=queue, outcome="ack") or 0) > acked and \
+            (metric(text, "inventory_amqp_dead_lettered_messages_total", queue=queue, reason="malformed") or 0) > dead
+        return text if ok else None
+
+    text = await until(counted, what="ack and dead letter counted")
+    assert metric(text, "inventory_amqp_consumer_lag_messages", queue=queue) is not None
