@@ -63,3 +63,13 @@ class ShardMapRequest:
 class ShardMap:
     shard_count: int
     addresses: tuple[object, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStart:
+    """Leader launcher -> cluster registrar: own the shards of this deployment, place them on nodes."""
+
+    node: str
+    dsn: str
+    shard_count: int
+    passivate_after: float = 600.0

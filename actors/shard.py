@@ -320,6 +320,12 @@ class ShardCore:
 class StockShard(ActorTypeDispatcher):
     """The Thespian actor around a `ShardCore`; one wakeup pending at most, for the earliest timer."""
 
+    @staticmethod
+    def actorSystemCapabilityCheck(capabilities: dict[str, Any], requirements: dict[str, Any] | None) -> bool:
+        """Placement by node: `targetActorRequirements={"inventory-node": NAME}` (none: anywhere)."""
+        wanted = (requirements or {}).get("inventory-node")
+        return wanted is None or capabilities.get("inventory-node") == wanted
+
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.core: ShardCore | None = None

@@ -20,7 +20,7 @@ from typing import Any
 
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
-from actors.envelopes import RegisterShards, ShardConfigure, ShardMap, ShardMapRequest, ShardStatus
+from actors.envelopes import ClusterStart, RegisterShards, ShardConfigure, ShardMap, ShardMapRequest, ShardStatus
 
 log = logging.getLogger("inventory.actors")
 
@@ -79,13 +79,18 @@ def start_shards(asys: ActorSystem, dsn: str, shard_count: int, timeout: float =
     return shard_map
 
 
+def registrar_address(asys: ActorSystem) -> Any:
+    """The registrar of the system this process joined (single-node or the cluster leader's)."""
+    return asys.createActor(Registrar, globalName=REGISTRAR_NAME)
+
+
 def fetch_shard_map(asys: ActorSystem, timeout: float = 60.0) -> ShardMap:
-    """Ask the registrar for the shard map, waiting (bounded) until the launcher registered shards."""
+    """Ask the registrar for the shard map, waiting (bounded) until every shard is placed and ready."""
     deadline = time.monotonic() + timeout
-    registrar = asys.createActor(Registrar, globalName=REGISTRAR_NAME)
+    registrar = registrar_address(asys)
     while True:
         answer = asys.ask(registrar, ShardMapRequest(), 5)
-        if isinstance(answer, ShardMap) and answer.shard_count > 0:
+        if isinstance(answer, ShardMap) and answer.shard_count > 0 and None not in answer.addresses:
             return answer
         if time.monotonic() > deadline:
             raise TimeoutError("no shards registered: is `inventory actors` running?")
@@ -111,4 +116,62 @@ def run_launcher(admin_port: int, dsn: str, shard_count: int, ready_file: str | 
         return 0
     finally:
         log.info("stopping the actor system on admin port %d", admin_port)
+        asys.shutdown()
+
+
+# ---------------------------------------------------------------- several nodes
+
+# Thespian reads these at import of thespian.system.admin.convention. Its defaults detect a
+# dead member after ~22 minutes. CONVENTION_RESTART_PERIOD matters too: in Thespian 4.0.1 a
+# member wakes up to re-register only after that period (its `convention_inattention_delay`
+# uses `timer or ExpirationTimer(...)`, and a running timer is falsy), so with the default
+# 3:22 a member misses its check-ins and the leader drops it after REREGISTRATION x MISS_MAX.
+CONVENTION_ENV = {
+    "CONVENTION_REREGISTRATION_PERIOD": "0:02",
+    "CONVENTION_REGISTRATION_MISS_MAX": "2",
+    "CONVENTION_RESTART_PERIOD": "0:01",
+}
+
+
+def node_capabilities(node: str, admin_port: int, leader: str) -> dict[str, Any]:
+    return {"Admin Port": admin_port, "inventory-node": node, "Convention Address.IPv4": leader}
+
+
+def run_node(node: str, admin_port: int, leader: str, dsn: str, shard_count: int,
+             ready_file: str | None = None, passivate_after: float = 600.0) -> int:
+    """`inventory actors --node NAME --admin-port P --leader HOST:PORT`: one node of a convention.
+
+    The leader (its own admin port is the leader's) runs the cluster registrar, which places
+    the shards on every node that joins; a member only hosts what the registrar creates on it.
+    """
+    for k, v in CONVENTION_ENV.items():
+        os.environ.setdefault(k, v)
+    if "thespian.system.admin.convention" in __import__("sys").modules:
+        log.warning("thespian's convention module was imported before the settings: defaults apply")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    leader_port = int(leader.rsplit(":", 1)[1])
+    is_leader = leader_port == admin_port
+    asys = ActorSystem(SYSTEM_BASE, capabilities=node_capabilities(node, admin_port, leader),
+                       logDefs=thespian_logging())
+    try:
+        if is_leader:
+            from actors.registrar import ClusterRegistrar
+
+            registrar = asys.createActor(ClusterRegistrar, globalName=REGISTRAR_NAME)
+            answer = asys.ask(registrar, ClusterStart(node, dsn, shard_count, passivate_after), 30)
+            if not isinstance(answer, ShardMap):
+                raise RuntimeError("the cluster registrar did not answer")
+            fetch_shard_map(asys, timeout=120)
+        log.info("node %s on admin port %d (%s)", node, admin_port, "leader" if is_leader else "member")
+        if ready_file:
+            with open(ready_file + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(ready_file + ".tmp", ready_file)
+        while not stop.wait(0.5):
+            pass
+        return 0
+    finally:
+        log.info("stopping node %s on admin port %d", node, admin_port)
         asys.shutdown()

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from actors.system import fetch_shard_map, join
+from actors.system import fetch_shard_map, join, registrar_address
 from gateway.bridge import ActorBridge
 from gateway.config import Settings
 from gateway.events import EventIntegration
@@ -95,7 +95,8 @@ async def start_gateway(settings: Settings) -> Gateway:
     shard_map = await asyncio.to_thread(fetch_shard_map, asys)
     metrics = Metrics()
     bridge = MeasuredBridge(asys.private, shard_map.addresses, max_inflight=settings.max_inflight_per_shard,
-                            max_batch=settings.max_batch, reply_timeout=settings.shard_reply_timeout)
+                            max_batch=settings.max_batch, reply_timeout=settings.shard_reply_timeout,
+                            registrar=await asyncio.to_thread(registrar_address, asys))
     bridge.metrics = metrics
     bridge.start()
     pool = await queries.create_pool(settings.database_url)

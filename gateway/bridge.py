@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors.envelopes import ShardBatch, ShardBatchResult
+from actors.envelopes import ShardBatch, ShardBatchResult, ShardMap, ShardMapRequest
 from actors.messages import Command, Rejected, Reply, decode_replies, encode_batch
 
 log = logging.getLogger("inventory.bridge")
@@ -59,6 +59,8 @@ class ActorBridge:
         max_batch: int = 512,
         reply_timeout: float = 30.0,
         tick_interval: float = 1.0,
+        registrar: object | None = None,
+        map_interval: float = 1.0,
     ) -> None:
         self._context_factory = context_factory
         self.addresses = list(addresses)
@@ -67,6 +69,13 @@ class ActorBridge:
         self.max_batch = max_batch
         self.reply_timeout = reply_timeout
         self.tick_interval = tick_interval
+        # With a registrar (a cluster), the map is re-fetched every `map_interval` and after a
+        # timeout or a poison message: shards move between nodes. Sent with tell, answered in
+        # the listen loop (an ask here would swallow batch replies).
+        self.registrar = registrar
+        self.map_interval = map_interval
+        self.map_updates = 0
+        self._next_map = 0.0
         self.stats = BridgeStats()
         self._queue: queue.SimpleQueue[tuple[int, Command, asyncio.Future[Reply]] | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,13 +136,16 @@ class ActorBridge:
         busy = [0] * self.shard_count
         ids = itertools.count(1)
         next_tick = time.monotonic() + self.tick_interval
+        self._next_map = time.monotonic() + self.map_interval
+        map_asked = 0.0
         draining = False
 
         while True:
             # 1. take what has arrived; block only when there is nothing else to do
             timeout = 0.0
-            if not inflight and not pending:
-                timeout = max(0.0, next_tick - time.monotonic())
+            if not inflight and not pending and not map_asked:
+                wake = min(next_tick, self._next_map) if self.registrar is not None else next_tick
+                timeout = max(0.0, wake - time.monotonic())
             try:
                 item = self._queue.get(timeout=timeout) if timeout != 0.0 else self._queue.get_nowait()
                 while True:
@@ -147,9 +159,16 @@ class ActorBridge:
 
             # 2. a cheap periodic tick lets idle shards fire overdue timers
             now = time.monotonic()
+            if self.registrar is not None and now >= self._next_map and not draining:
+                self._next_map = now + self.map_interval
+                if not map_asked or now - map_asked > 5.0:
+                    ctx.tell(self.registrar, ShardMapRequest())
+                    map_asked = now
             if now >= next_tick and not draining:
                 next_tick = now + self.tick_interval
                 for shard in range(self.shard_count):
+                    if self.addresses[shard] is None:
+                        continue
                     if busy[shard] == 0 and shard not in pending:
                         batch_id = next(ids)
                         ctx.tell(self.addresses[shard], ShardBatch(batch_id, encode_batch([])))
@@ -166,6 +185,9 @@ class ActorBridge:
                     pending[shard] = rest
                 else:
                     del pending[shard]
+                if self.addresses[shard] is None:  # being moved or recreated: retry later
+                    self._fail(batch, f"shard {shard} is moving; retry")
+                    continue
                 batch_id = next(ids)
                 payload = encode_batch([cmd for cmd, _ in batch])
                 ctx.tell(self.addresses[shard], ShardBatch(batch_id, payload))
@@ -181,7 +203,7 @@ class ActorBridge:
                 return
 
             # 4. wait briefly for replies
-            if inflight:
+            if inflight or map_asked:
                 msg = ctx.listen(0.002)
                 if msg is not None:
                     log.debug("got %s", type(msg).__name__)
@@ -191,9 +213,30 @@ class ActorBridge:
                         busy[entry[0]] -= 1
                         if entry[1]:
                             self._resolve(entry[1], decode_replies(msg.payload))
+                elif isinstance(msg, ShardMap):
+                    map_asked = 0.0
+                    self._on_map(msg, inflight, busy)
                 elif msg is not None:
                     self._on_other(msg, inflight, busy)
                 self._expire(inflight, busy)
+
+    def _on_map(self, msg: ShardMap, inflight: dict[int, tuple[int, list[_Item], float]], busy: list[int]) -> None:
+        """A shard that moved: its batches in flight to the old address fail `unavailable`."""
+        if msg.shard_count != self.shard_count:
+            log.error("shard map with %d shards ignored (this gateway routes over %d)",
+                      msg.shard_count, self.shard_count)
+            return
+        for shard, address in enumerate(msg.addresses):
+            if address == self.addresses[shard]:
+                continue
+            log.warning("shard %d moved", shard)
+            self.addresses[shard] = address
+            self.map_updates += 1
+            for batch_id, (s, items, _) in list(inflight.items()):
+                if s == shard:
+                    del inflight[batch_id]
+                    busy[shard] -= 1
+                    self._fail(items, f"shard {shard} moved; retry")
 
     def _on_other(self, msg: Any, inflight: dict[int, tuple[int, list[_Item], float]], busy: list[int]) -> None:
         """A PoisonMessage means the shard failed on our batch: fail its callers."""
@@ -203,6 +246,7 @@ class ActorBridge:
             if entry is not None:
                 busy[entry[0]] -= 1
                 self._fail(entry[1], "the shard failed on this batch; retry")
+            self._next_map = 0.0
         else:
             log.warning("bridge ignored %r", msg)
 
@@ -215,6 +259,7 @@ class ActorBridge:
                 self.stats.timeouts += 1
                 log.error("shard %d did not answer batch %d in %.0f s", shard, batch_id, self.reply_timeout)
                 self._fail(items, f"shard {shard} did not answer in time; retry")
+                self._next_map = 0.0
 
     def _resolve(self, items: list[_Item], replies: list[Reply]) -> None:
         assert self._loop is not None

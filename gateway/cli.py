@@ -60,11 +60,16 @@ def cmd_migrate(settings: Settings) -> int:
     return 0
 
 
-def cmd_actors(settings: Settings, ready_file: str | None) -> int:
-    from actors.system import run_launcher
+def cmd_actors(settings: Settings, ready_file: str | None, node: str | None = None,
+               admin_port: int | None = None, leader: str | None = None) -> int:
+    from actors.system import run_launcher, run_node
 
     if not settings.database_url:
         raise ConfigError("inventory actors needs INVENTORY_DATABASE_URL")
+    if node or leader:
+        port = admin_port or settings.actor_port
+        return run_node(node or "node-1", port, leader or f"127.0.0.1:{port}", settings.database_url,
+                        settings.shards, ready_file, passivate_after=settings.passivate_after_seconds)
     return run_launcher(settings.actor_port, settings.database_url, settings.shards, ready_file,
                         passivate_after=settings.passivate_after_seconds)
 
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("serve", help="run one node: migrations, actor system and gateway")
     actors = sub.add_parser("actors", help="run the actor system with the shards")
     actors.add_argument("--ready-file", help="write this file once every shard is ready")
+    actors.add_argument("--node", help="this node's name in a cluster (default: a single node)")
+    actors.add_argument("--admin-port", type=int, help="this node's actor admin port (default INVENTORY_ACTOR_PORT)")
+    actors.add_argument("--leader", help="HOST:PORT of the leader node's admin port (default: this node)")
     sub.add_parser("gateway", help="run a gRPC gateway against a running actor system")
     sub.add_parser("migrate", help="apply the SQL migrations")
     call = sub.add_parser("call", help="call one RPC with a JSON request, print the JSON response")
@@ -207,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return cmd_serve(settings)
         if args.command == "actors":
-            return cmd_actors(settings, args.ready_file)
+            return cmd_actors(settings, args.ready_file, args.node, args.admin_port, args.leader)
         if args.command == "gateway":
             return cmd_gateway(settings)
         return cmd_migrate(settings)

@@ -110,6 +110,7 @@ class Settings:
             passivate_after_seconds=_float(e, "INVENTORY_PASSIVATE_AFTER_SECONDS", 600.0),
             max_inflight_per_shard=_int(e, "INVENTORY_MAX_INFLIGHT_PER_SHARD", 1, 1, 16),
             max_batch=_int(e, "INVENTORY_MAX_BATCH", 512, 1, 10_000),
+            shard_reply_timeout=_float(e, "INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS", 30.0),
             default_organization_id=e.get("INVENTORY_DEFAULT_ORGANIZATION_ID", "default") or "default",
             catalog_host=e.get("CATALOG_GRPC_HOST") or None,
             catalog_port=int(catalog_port) if catalog_port.isdigit() else None,
