@@ -86,6 +86,7 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.leader = ""
         self.grpc_port = 0
+        self.gateways: dict[str, int] = {}
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("INVENTORY_", "CATALOG_"))}
@@ -112,15 +113,17 @@ class Cluster:
             assert time.monotonic() < deadline, f"node {name} not ready in {timeout} s"
             await asyncio.sleep(0.1)
 
-    def start_gateway(self, reply_timeout: float = 5.0) -> None:
-        self.grpc_port = free_port(range(50500, 50600))
-        self.procs["gw"] = subprocess.Popen(
+    def start_gateway(self, reply_timeout: float = 5.0, name: str = "gw") -> str:
+        self.grpc_port = free_port(range(50500, 50600), set(self.gateways.values()))
+        self.gateways[name] = self.grpc_port
+        self.procs[name] = subprocess.Popen(
             [PYTHON, "-m", "gateway.cli", "gateway"],
-            env=self.env("gw", INVENTORY_ACTOR_PORT=str(self.ports[self.leader]),
+            env=self.env(name, INVENTORY_ACTOR_PORT=str(self.ports[self.leader]),
                          INVENTORY_GRPC_PORT=str(self.grpc_port),
                          INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS=str(reply_timeout),
                          INVENTORY_RELAY_IN_GATEWAY="false"),
-            cwd=ROOT, stdout=open(self.tmp / "gw.log", "ab"), stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=open(self.tmp / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+        return self.target
 
     @property
     def target(self) -> str:
@@ -156,7 +159,7 @@ class Cluster:
         return pids
 
     async def stop(self) -> None:
-        for name in ["gw", *reversed(list(self.ports))]:
+        for name in [*self.gateways, *reversed(list(self.ports))]:
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -189,11 +192,11 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         assert not marked_pids(c.run)
 
 
-async def serving(c: Cluster, timeout: float = 60) -> tuple[grpc.aio.Channel, Any]:
+async def serving(c: Cluster, timeout: float = 60, name: str = "gw") -> tuple[grpc.aio.Channel, Any]:
     deadline = time.monotonic() + timeout
-    channel = grpc.aio.insecure_channel(c.target)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{c.gateways[name]}")
     while True:
-        assert c.procs["gw"].poll() is None, (c.tmp / "gw.log").read_text()[-3000:]
+        assert c.procs[name].poll() is None, (c.tmp / f"{name}.log").read_text()[-3000:]
         try:
             await asyncio.wait_for(channel.channel_ready(), 1)
             return channel, clients_for(channel)
@@ -326,6 +329,8 @@ async def test_kill_9_of_a_node_under_load(cluster: Cluster) -> None:
         stop.set()
         await asyncio.gather(*workers)
         after = [t for t in successes if t > killed_at]
+        print(f"kill -9 of node {victim}: {len(ok)} OK, {len(failures)} UNAVAILABLE/deadline,"
+              f" last failure {max((t for t, _ in failures), default=killed_at) - killed_at:.1f} s after the kill")
         # The load resumes: every shard answers again within 10 s of the kill.
         placed = await cluster.wait_placed({"a", "c"}, timeout=10)
         assert victim not in {p[0] for p in placed}
@@ -390,3 +395,33 @@ async def test_a_node_joining_takes_over_shards(cluster: Cluster) -> None:
     statuses = await line_status(org, ok)
     assert len(statuses) == len(ok) == 3 * len(variants)
     assert await check_consistency(org) == {"active": 3 * len(variants)}
+
+
+@pytest.mark.timeout(150)
+async def test_several_gateways_serve_the_same_cluster(cluster: Cluster) -> None:
+    for name in ("a", "b"):
+        cluster.start_node(name)
+        await cluster.wait_ready(name)
+    await cluster.wait_placed({"a", "b"})
+    cluster.start_gateway(name="gw")
+    cluster.start_gateway(name="gw2")
+    channel1, clients1 = await serving(cluster, name="gw")
+    channel2, clients2 = await serving(cluster, name="gw2")
+    org = str(uuid.uuid4())
+    async with channel1, channel2:
+        one = Shop(org, clients1.inventory, clients1.admin)
+        two = Shop(org, clients2.inventory, clients2.admin)
+        variants = variants_for_every_shard(org, per_shard=1)
+        for v in variants:
+            await one.receive(v, "north", 5)
+        for i, v in enumerate(variants):
+            shop = one if i % 2 else two
+            await shop.reserve(f"order-{v}", (v, 2))
+        for v in variants:
+            assert (await one.level(v, "north")).reserved == 2
+            assert (await two.level(v, "north")).reserved == 2
+        # The same order through the other gateway is the same reservation (idempotent).
+        again = await one.reserve(f"order-{variants[0]}", (variants[0], 2))
+        assert again.reservation_id
+        assert (await two.level(variants[0], "north")).reserved == 2
+    assert await check_consistency(org) == {"active": len(variants)}
