@@ -104,7 +104,7 @@ async def start_gateway(settings: Settings) -> Gateway:
     install_request_logging()
     ops: Operations | None = None
     try:
-        ops = await Operations.start(settings, core, ShardProbe(asys.private, list(shard_map.addresses)))
+        ops = await Operations.start(settings, core, ShardProbe(asys.private, bridge.addresses))
         server, port, health_servicer = create_server(settings, core)
         await server.start()
     except BaseException:

@@ -61,7 +61,7 @@ class ShardProbe:
 
     def __init__(self, context_factory: Callable[[], Any], addresses: list[object], timeout: float = 3.0) -> None:
         self.context_factory = context_factory
-        self.addresses = addresses
+        self.addresses = addresses  # the bridge's own list: it follows shards that move
         self.timeout = timeout
         self._lock = asyncio.Lock()
 
@@ -72,8 +72,9 @@ class ShardProbe:
     def _ask_all(self) -> dict[int, ShardStatus | None]:
         found: dict[int, ShardStatus | None] = {i: None for i in range(len(self.addresses))}
         with self.context_factory() as ctx:
-            for address in self.addresses:
-                ctx.tell(address, ShardStatusRequest())
+            for address in list(self.addresses):
+                if address is not None:  # None: the shard is being moved or recreated
+                    ctx.tell(address, ShardStatusRequest())
             deadline = time.monotonic() + self.timeout
             while any(s is None for s in found.values()):
                 left = deadline - time.monotonic()
