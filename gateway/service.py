@@ -188,6 +188,8 @@ class InventoryServicer(pbg.InventoryServiceServicer):
     async def _release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         org = require_id(request.organization_id, "organization_id")
         rid = require_id(request.reservation_id, "reservation_id")
+        if len(request.reason) > 1000 or "\x00" in request.reason:
+            invalid("reason: longer than 1000 characters or contains NUL")
         await release(self.core, org, rid, request.reason or "released")
         return pb.ReleaseResponse(success=True)
 
@@ -238,8 +240,8 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
     async def _upsert_warehouse(self, request: pb.Warehouse) -> pb.Warehouse:
         org = require_id(request.organization_id, "organization_id")
         wid = require_id(request.warehouse_id, "warehouse_id")
-        if len(request.name) > 500:
-            invalid("name: longer than 500 characters")
+        if len(request.name) > 500 or "\x00" in request.name:
+            invalid("name: longer than 500 characters or contains NUL")
         row = await self._db(queries.upsert_warehouse(
             self.core.pool, queries.WarehouseRow(org, wid, request.name, request.active)))
         self.core.warehouses.forget(org)
@@ -270,6 +272,8 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
         await self.core.require_warehouse(org, request.warehouse_id, "warehouse_id")
         if len(request.reason) > 1000 or len(request.reference_id) > MAX_ID_LENGTH:
             invalid("reason/reference_id: too long")
+        if "\x00" in request.reason or "\x00" in request.reference_id:
+            invalid("reason/reference_id: must not contain NUL")
         if request.idempotency_key:
             require_id(request.idempotency_key, "idempotency_key")
         source = await self.core.check_variant(org, variant)
@@ -301,6 +305,8 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
     async def _list_movements(self, request: pb.ListMovementsRequest) -> pb.ListMovementsResponse:
         org = require_id(request.organization_id, "organization_id")
         variant = require_id(request.variant_id, "variant_id")
+        if "\x00" in request.warehouse_id:
+            invalid("warehouse_id: must not contain NUL")
         size = request.page_size or 50
         if not 1 <= size <= 500:
             invalid("page_size: between 1 and 500")
@@ -331,6 +337,8 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
             invalid("to_warehouse_id: must differ from from_warehouse_id")
         if request.quantity <= 0:
             invalid("quantity: must be positive")
+        if len(request.reason) > 1000 or "\x00" in request.reason:
+            invalid("reason: longer than 1000 characters or contains NUL")
         transfer_id = request.transfer_id or str(uuid.uuid4())
         require_id(transfer_id, "transfer_id")
         await self.core.check_variant(org, variant)  # ShipTransfer has no `source` field for the ledger yet
