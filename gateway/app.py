@@ -68,6 +68,17 @@ class Gateway:
         await self.pool.close()
 
 
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS when INVENTORY_TLS_CERT/KEY are set; mutual TLS (a client certificate required) with
+    INVENTORY_TLS_CLIENT_CA. None: plaintext (the default)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 def create_server(settings: Settings, core: Core) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -83,7 +94,10 @@ def create_server(settings: Settings, core: Core) -> tuple[grpc.aio.Server, int,
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    credentials = server_credentials(settings)
+    port = (server.add_insecure_port(address) if credentials is None
+            else server.add_secure_port(address, credentials))
     if port == 0:
         raise OSError(f"cannot bind gRPC port {settings.grpc_host}:{settings.grpc_port}")
     return server, port, health_servicer

@@ -46,6 +46,21 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def _tls(env: dict[str, str]) -> dict[str, Path | None]:
+    """INVENTORY_TLS_CERT and INVENTORY_TLS_KEY together (or neither); INVENTORY_TLS_CLIENT_CA needs both."""
+    paths = {name: Path(raw) if (raw := env.get(var, "").strip()) else None for name, var in (
+        ("tls_cert", "INVENTORY_TLS_CERT"), ("tls_key", "INVENTORY_TLS_KEY"),
+        ("tls_client_ca", "INVENTORY_TLS_CLIENT_CA"))}
+    if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
+        raise ConfigError("INVENTORY_TLS_CERT and INVENTORY_TLS_KEY must be set together")
+    if paths["tls_client_ca"] is not None and paths["tls_cert"] is None:
+        raise ConfigError("INVENTORY_TLS_CLIENT_CA needs INVENTORY_TLS_CERT and INVENTORY_TLS_KEY")
+    for var, path in zip(("INVENTORY_TLS_CERT", "INVENTORY_TLS_KEY", "INVENTORY_TLS_CLIENT_CA"), paths.values()):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{var}: no such file {str(path)!r}")
+    return paths
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None  # None: embedded Postgres under data_dir
@@ -85,6 +100,12 @@ class Settings:
     shutdown_grace_seconds: float = 10.0  # in-flight RPCs may finish within this on SIGTERM
     log_level: str = "INFO"
     log_json: bool = True
+    tls_cert: Path | None = None  # PEM certificate chain of the gRPC server; with tls_key: TLS on
+    tls_key: Path | None = None  # PEM private key of the gRPC server
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed (mTLS)
+    quota_rps: float = 0.0  # requests per second per organization_id; 0: no quotas
+    quota_burst: int = 0  # bucket size per organization_id; 0: max(1, quota_rps)
+    reconcile_interval_seconds: float = 60.0  # background drift check of stocks vs ledger; 0: off
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -125,6 +146,10 @@ class Settings:
             shutdown_grace_seconds=_float(e, "INVENTORY_SHUTDOWN_GRACE_SECONDS", 10.0),
             log_level=(e.get("INVENTORY_LOG_LEVEL", "INFO") or "INFO").upper(),
             log_json=_bool(e, "INVENTORY_LOG_JSON", True),
+            **_tls(e),
+            quota_rps=_float(e, "INVENTORY_QUOTA_RPS", 0.0),
+            quota_burst=_int(e, "INVENTORY_QUOTA_BURST", 0, 0, 10_000_000),
+            reconcile_interval_seconds=_float(e, "INVENTORY_RECONCILE_INTERVAL_SECONDS", 60.0),
         )
 
     def with_database(self, url: str) -> Settings:
