@@ -27,6 +27,7 @@ from gateway.flows import Core
 from gateway.health import Operations, ShardProbe
 from gateway.metrics import MeasuredBridge, Metrics, RpcInterceptor, install_request_logging
 from gateway.pb import inventory_pb2, inventory_pb2_grpc
+from gateway.quota import QuotaInterceptor
 from gateway.service import AdminServicer, InventoryServicer
 from persistence import queries
 
@@ -85,8 +86,10 @@ def create_server(settings: Settings, core: Core) -> tuple[grpc.aio.Server, int,
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000,
-                             interceptors=[RpcInterceptor(core.metrics)])
+    interceptors: list[grpc.aio.ServerInterceptor] = [RpcInterceptor(core.metrics)]
+    if settings.quota_rps > 0:  # inside the metrics interceptor: refusals are counted and logged
+        interceptors.append(QuotaInterceptor(settings.quota_rps, settings.quota_burst))
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=10_000, interceptors=interceptors)
     inventory_pb2_grpc.add_InventoryServiceServicer_to_server(InventoryServicer(core), server)
     inventory_pb2_grpc.add_InventoryAdminServiceServicer_to_server(AdminServicer(core), server)
     health_servicer = health.aio.HealthServicer()

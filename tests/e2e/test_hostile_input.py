@@ -44,7 +44,7 @@ ODD = ["", " ", "\t\n", "\x00", "a\x00b", "\u202e", "\ufeff", "\uffff", "\U0010f
        "x" * 200, "x" * 201, "💥" * 50, "' OR 1=1 --", "%s%n", "../../etc/passwd", "\\", "null"]
 huge = st.sampled_from([10_000, 100_000, 1_000_000]).map(lambda n: "ü" * n)
 hostile_text = st.one_of(st.sampled_from(ODD), st.text(max_size=40), huge)
-ids = lambda known: st.one_of(st.sampled_from(known), hostile_text)  # noqa: E731
+ids = lambda known: st.one_of(st.sampled_from(known), hostile_text)
 org = st.one_of(st.just(ORG), st.just(ORG), hostile_text)
 variant = ids(VARIANTS)
 warehouse = ids(("", *WAREHOUSES))
