@@ -4,6 +4,7 @@
     inventory actors     the Thespian actor system with N shards (Procfile: actors)
     inventory gateway    the gRPC gateway joining a running actor system (Procfile: gateway)
     inventory migrate    apply the SQL migrations
+    inventory reconcile  compare every stock with its ledger and open lines; exit 1 on drift
     inventory call METHOD JSON   call one RPC of a running service, JSON in and out
 
 With INVENTORY_DATABASE_URL unset, `serve` and `migrate` run an embedded Postgres kept
@@ -185,6 +186,31 @@ def cmd_call(target: str, method: str, body: str, timeout: float) -> int:
     return 0
 
 
+def cmd_reconcile(settings: Settings, organization_id: str | None) -> int:
+    """One reconcile run: a line per drifting stock on stdout (and in the log), repairs nothing."""
+    import asyncpg
+
+    from persistence import reconcile
+
+    if not settings.database_url:
+        print("inventory reconcile: INVENTORY_DATABASE_URL is required", file=sys.stderr)
+        return 2
+
+    async def run() -> reconcile.Report:
+        conn = await asyncpg.connect(settings.database_url, timeout=10)
+        try:
+            return await reconcile.check(conn, organization_id)
+        finally:
+            await conn.close()
+
+    report = asyncio.run(run())
+    reconcile.log_report(report)
+    for d in report.drifts:
+        print(f"drift\t{d.organization_id}\t{d.variant_id}\t{d.warehouse_id}\t{d.describe()}")
+    print(f"{report.stocks} stocks checked, {len(report.drifts)} drifting")
+    return 1 if report.drifts else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inventory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     actors.add_argument("--leader", help="HOST:PORT of the leader node's admin port (default: this node)")
     sub.add_parser("gateway", help="run a gRPC gateway against a running actor system")
     sub.add_parser("migrate", help="apply the SQL migrations")
+    rec = sub.add_parser("reconcile", help="compare each stock with its ledger and open lines (exit 1 on drift)")
+    rec.add_argument("--organization", help="only this organization_id")
     call = sub.add_parser("call", help="call one RPC with a JSON request, print the JSON response")
     call.add_argument("method", help="e.g. ReserveStock, GetStock, UpsertWarehouse")
     call.add_argument("json", nargs="?", default="{}", help="the request as JSON (proto field names)")
@@ -218,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_actors(settings, args.ready_file, args.node, args.admin_port, args.leader)
         if args.command == "gateway":
             return cmd_gateway(settings)
+        if args.command == "reconcile":
+            return cmd_reconcile(settings, args.organization)
         return cmd_migrate(settings)
     except ConfigError as e:
         print(f"inventory: configuration error: {e}", file=sys.stderr)

@@ -95,6 +95,11 @@ class Metrics:
         self.dependency_latency = Gauge(
             "inventory_dependency_check_latency_seconds", "Latency of the last check of a dependency",
             ["dependency"], registry=r)
+        self.reconcile_drift = Gauge(
+            "inventory_reconcile_drift_stocks",
+            "Stocks whose snapshot differs from their ledger or open reservation lines at the last reconcile "
+            "run (-1: no run yet)", registry=r)
+        self.reconcile_drift.set(-1)
         self.snapshots = SnapshotCollector()
         r.register(self.snapshots)
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
