@@ -53,25 +53,33 @@ int32 = st.one_of(st.sampled_from([0, 1, -1, 2, INT32_MAX, INT32_MIN, INT32_MAX 
 quantity = st.one_of(st.integers(-3, 5), int32)
 
 
-def many(item: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
-    """Few items, the same item twice (duplicate lines), or 10,000 items."""
+def many(item: st.SearchStrategy[Any], small: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    """Few items, the same item twice (duplicate lines), or 500 +- 1 / 10,000 copies of a `small` item
+    (10,000 copies of a 2 MB id would be 20 GB on the client)."""
     return st.one_of(
         st.lists(item, max_size=4),
         item.map(lambda x: [x, x]),
-        st.integers(499, 501).flatmap(lambda n: item.map(lambda x: [x] * n)),
-        item.map(lambda x: [x] * 10_000),
+        st.integers(499, 501).flatmap(lambda n: small.map(lambda x: [x] * n)),
+        small.map(lambda x: [x] * 10_000),
     )
+
+
+short_text = st.one_of(st.sampled_from([t for t in ODD if len(t) <= 10]), st.text(max_size=10))
 
 
 reserve_item = st.builds(pb.ReserveItem, variant_id=variant, quantity=quantity, warehouse_id=warehouse)
 check_item = st.builds(pb.AvailabilityItem, variant_id=variant, quantity=quantity)
+small_reserve_item = st.builds(pb.ReserveItem, variant_id=st.one_of(st.sampled_from(VARIANTS), short_text),
+                               quantity=quantity, warehouse_id=st.one_of(st.sampled_from(WAREHOUSES), short_text))
+small_check_item = st.builds(pb.AvailabilityItem, variant_id=st.one_of(st.sampled_from(VARIANTS), short_text),
+                             quantity=quantity)
 movement_type = st.one_of(st.sampled_from([0, 1, 2, 3, 4]), int32)
 
 REQUESTS: dict[str, st.SearchStrategy[Any]] = {
-    "CheckAvailability": st.builds(pb.AvailabilityRequest, organization_id=org, items=many(check_item),
+    "CheckAvailability": st.builds(pb.AvailabilityRequest, organization_id=org, items=many(check_item, small_check_item),
                                    preferred_warehouse_id=warehouse),
     "ReserveStock": st.builds(pb.ReserveStockRequest, organization_id=org, order_id=hostile_text,
-                              items=many(reserve_item), ttl_minutes=int32, ttl_seconds=int32),
+                              items=many(reserve_item, small_reserve_item), ttl_minutes=int32, ttl_seconds=int32),
     "ReleaseReservation": st.builds(pb.ReleaseRequest, organization_id=org, reservation_id=hostile_text,
                                     reason=hostile_text),
     "ConfirmReservation": st.builds(pb.ConfirmRequest, organization_id=org, reservation_id=hostile_text),
