@@ -14,21 +14,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import asyncpg
 import grpc
 import pytest
 from conftest import TEST_DATABASE_URL, Service, database_url_named, ensure_database, free_port, running
+from fault_load import Tally, prepare, violations, worker
 
-from gateway.pb import inventory_pb2 as pb
 from gateway.pb import inventory_pb2_grpc as pbg
-from persistence import reconcile
 from persistence.migrate import migrate
 
 pytestmark = pytest.mark.timeout(180)
@@ -81,67 +77,6 @@ class TcpProxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
-@dataclass
-class Tally:
-    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
-    forbidden: list[str] = field(default_factory=list)
-    slowest: float = 0.0
-    reserved: dict[str, str] = field(default_factory=dict)  # reservation id -> last OK state
-    uncertain: set[str] = field(default_factory=set)  # a confirm/release failed: it may have committed
-    restored: float = float("inf")  # when Postgres came back
-    recovered: float | None = None  # when the first call started after that succeeded
-
-
-async def call(tally: Tally, what: str, coro) -> object | None:
-    started = time.monotonic()
-    try:
-        reply = await coro
-    except grpc.aio.AioRpcError as e:
-        tally.outcomes[e.code().name] += 1
-        if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
-            tally.forbidden.append(f"{what}: {e.code().name}: {e.details()}")
-        return None
-    finally:
-        tally.slowest = max(tally.slowest, time.monotonic() - started)
-    tally.outcomes["OK"] += 1
-    if started >= tally.restored and tally.recovered is None:
-        tally.recovered = time.monotonic()
-    return reply
-
-
-async def worker(stop: asyncio.Event, tally: Tally, inv: pbg.InventoryServiceStub,
-                 admin: pbg.InventoryAdminServiceStub, org: str, seed: int) -> None:
-    rnd = random.Random(seed)
-    while not stop.is_set():
-        op = rnd.choices(["receive", "reserve", "confirm", "release"], [2, 4, 2, 2])[0]
-        if op == "receive":
-            await call(tally, op, admin.RecordMovement(pb.MovementRequest(
-                organization_id=org, variant_id=rnd.choice(VARIANTS), warehouse_id="w1",
-                type=pb.MOVEMENT_TYPE_RECEIPT, quantity=rnd.randint(1, 5)), timeout=5))
-        elif op == "reserve":
-            items = [pb.ReserveItem(variant_id=v, quantity=rnd.randint(1, 3)) for v in rnd.sample(VARIANTS, 2)]
-            reply = await call(tally, op, inv.ReserveStock(pb.ReserveStockRequest(
-                organization_id=org, order_id=str(uuid.uuid4()), items=items, ttl_seconds=600), timeout=5))
-            if reply is not None:
-                tally.reserved[reply.reservation_id] = "active"  # type: ignore[attr-defined]
-        elif tally.reserved:
-            rid = rnd.choice(list(tally.reserved))
-            if tally.reserved[rid] == "released":
-                continue
-            if op == "confirm":
-                if await call(tally, op, inv.ConfirmReservation(pb.ConfirmRequest(
-                        organization_id=org, reservation_id=rid), timeout=5)) is not None:
-                    tally.reserved[rid] = "confirmed"
-                else:
-                    tally.uncertain.add(rid)
-            elif await call(tally, op, inv.ReleaseReservation(pb.ReleaseRequest(
-                    organization_id=org, reservation_id=rid), timeout=5)) is not None:
-                tally.reserved[rid] = "released"
-            else:
-                tally.uncertain.add(rid)
-        await asyncio.sleep(0.01)
-
-
 @pytest.fixture
 async def proxied_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Service, TcpProxy]]:
     await ensure_database(DATABASE_URL)
@@ -171,10 +106,7 @@ async def test_postgres_outage_fails_fast_recovers_and_keeps_the_invariants(prox
     tally = Tally()
     async with grpc.aio.insecure_channel(svc.target) as channel:
         inv, admin = pbg.InventoryServiceStub(channel), pbg.InventoryAdminServiceStub(channel)
-        await admin.UpsertWarehouse(pb.Warehouse(organization_id=org, warehouse_id="w1", name="w1", active=True))
-        for v in VARIANTS:
-            await admin.RecordMovement(pb.MovementRequest(organization_id=org, variant_id=v, warehouse_id="w1",
-                                                          type=pb.MOVEMENT_TYPE_RECEIPT, quantity=50))
+        await prepare(admin, org)
         stop = asyncio.Event()
         workers = [asyncio.create_task(worker(stop, tally, inv, admin, org, seed)) for seed in range(4)]
         try:
@@ -199,28 +131,12 @@ async def test_postgres_outage_fails_fast_recovers_and_keeps_the_invariants(prox
             stop.set()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    conn = await asyncpg.connect(DATABASE_URL, timeout=10)
-    try:
-        report = await reconcile.check(conn, org)
-        over = await conn.fetch("SELECT variant_id, on_hand, reserved FROM stocks WHERE organization_id = $1 "
-                                "AND NOT (0 <= reserved AND reserved <= on_hand)", org)
-        states = {r["reservation_id"]: r["statuses"] for r in await conn.fetch(
-            "SELECT reservation_id, array_agg(DISTINCT status) AS statuses FROM reservation_lines "
-            "WHERE organization_id = $1 GROUP BY reservation_id", org)}
-    finally:
-        await conn.close()
-    lost = [rid for rid in tally.reserved if rid not in states]
-    wrong = [rid for rid, state in tally.reserved.items()
-             if rid in states and rid not in tally.uncertain and set(states[rid]) != {state}]
-    violations = len(report.drifts) + len(over) + len(lost) + len(wrong)
+    found = await violations(DATABASE_URL, org, tally)
     print(f"\nfaults/postgres-outage: calls {sum(tally.outcomes.values())}, OK {tally.outcomes['OK']}, "
           f"failed { {k: v for k, v in tally.outcomes.items() if k != 'OK'} }, during outage "
           f"{dict(during)}, recovery {recovery:.2f} s, slowest call {tally.slowest:.2f} s, "
-          f"invariant violations {violations}")
+          f"invariant violations {len(found)}")
     assert not tally.forbidden, tally.forbidden[:5]
     assert sum(v for k, v in during.items() if k != "OK") > 0, f"the outage was not noticed: {during}"
     assert tally.slowest < 6.0, "a call outlived its 5 s deadline"
-    assert report.drifts == (), [d.describe() for d in report.drifts]
-    assert not over, over
-    assert not lost, f"acknowledged reservations missing in Postgres: {lost[:5]}"
-    assert not wrong, [(rid, tally.reserved[rid], states[rid]) for rid in wrong[:5]]
+    assert not found, found[:10]
