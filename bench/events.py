@@ -334,8 +334,22 @@ async def lag(dsn: str, rate: int, duration: float, stocks: int, log_dir: Path,
         return {"changes": len(results), "offered_rate": total / sent_for, "failures": failures,
                 "events": len(arrivals), "lag": lags, "rpc": rpc}
     finally:
-        await connection.close()
         service.stop()
+        await delete_topology(connection, prefix)
+        await connection.close()
+
+
+async def delete_topology(connection: aio_pika.abc.AbstractRobustConnection, prefix: str) -> None:
+    """What the service declared under this run's prefix (queues, exchanges) goes with the run."""
+    channel = await connection.channel()
+    for spec in amqp.CONSUMED:
+        names = amqp.Names.of(spec, prefix)
+        for q in (names.queue, names.retry_queue, names.dead_letter_queue):
+            await channel.queue_delete(q)
+        for x in (names.exchange, names.dead_letter_exchange):
+            await channel.exchange_delete(x)
+    await channel.exchange_delete(prefix + amqp.INVENTORY_EXCHANGE)
+    await channel.close()
 
 
 async def service_unsent(dsn: str) -> int:
