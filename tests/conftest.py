@@ -271,10 +271,25 @@ async def drop_database(url: str) -> None:
         await conn.close()
 
 
+# The session's service gets a database of its own, so two test runs on one machine (or a
+# developer's service on the test database) never meet on a shard lock.
+E2E_DATABASE_URL = database_url_named(TEST_DATABASE_URL, f"{database_name(TEST_DATABASE_URL)}_e2e_{os.getpid()}")
+
+
 @pytest.fixture(scope="session")
-async def db() -> AsyncIterator[asyncpg.Pool]:
+async def e2e_database() -> AsyncIterator[str]:
+    await drop_database(E2E_DATABASE_URL)
+    await ensure_database(E2E_DATABASE_URL)
+    try:
+        yield E2E_DATABASE_URL
+    finally:
+        await drop_database(E2E_DATABASE_URL)
+
+
+@pytest.fixture(scope="session")
+async def db(e2e_database: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on the e2e database, for checks the API cannot make (ledger sums, reservation lines)."""
-    pool = await asyncpg.create_pool(TEST_DATABASE_URL, min_size=1, max_size=4)
+    pool = await asyncpg.create_pool(e2e_database, min_size=1, max_size=4)
     try:
         yield pool
     finally:
@@ -297,9 +312,9 @@ async def running(service: Service) -> AsyncIterator[Service]:
 
 
 @pytest.fixture(scope="session")
-async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Service]:
+async def service(tmp_path_factory: pytest.TempPathFactory, e2e_database: str) -> AsyncIterator[Service]:
     """ONE `inventory serve` with 2 shards for the e2e tests, stopped (and checked) at the end."""
-    svc = Service(TEST_DATABASE_URL, tmp_path_factory.mktemp("service"))
+    svc = Service(e2e_database, tmp_path_factory.mktemp("service"))
     async with running(svc):
         yield svc
 

@@ -162,7 +162,15 @@ async def test_metrics_count_rpcs_and_reservations_by_outcome(
     with pytest.raises(grpc.aio.AioRpcError):
         await inventory.ReserveStock(pb.ReserveStockRequest(
             organization_id=org, order_id="short", items=[pb.ReserveItem(variant_id="v1", quantity=99)]))
-    after = await metrics(service)
+    # The interceptor counts a call once its status is sent: the client can ask /metrics first.
+    deadline = time.monotonic() + 10
+    while True:
+        after = await metrics(service)
+        failed = total(after, "inventory_grpc_requests_total", method="ReserveStock", code="FAILED_PRECONDITION")
+        if failed > total(before, "inventory_grpc_requests_total", method="ReserveStock",
+                          code="FAILED_PRECONDITION") or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
 
     def grew(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
