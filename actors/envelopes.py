@@ -40,6 +40,8 @@ class ShardStatus:
     pending_timers: int = 0
     batches: int = 0
     commands: int = 0
+    commits: int = 0
+    commit_seconds: float = 0.0  # summed: rate(commit_seconds) / rate(commits) is the mean commit latency
 
 
 @dataclass(frozen=True, slots=True)

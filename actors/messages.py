@@ -125,6 +125,7 @@ class ShipTransfer(_Msg, frozen=True):
     transfer_id: str
     reason: str = ""
     create_if_missing: bool = False
+    source: str = ""
 
 
 class ReceiveTransfer(_Msg, frozen=True):

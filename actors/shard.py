@@ -121,6 +121,8 @@ class ShardCore:
         self.timers = TimerHeap()
         self.batches = 0
         self.commands = 0
+        self.commits = 0
+        self.commit_seconds = 0.0
         self._next_passivation = 0.0
         self._loaded_since_freeze = 0
 
@@ -217,7 +219,10 @@ class ShardCore:
 
         write: BatchWrite = build_write(now, events, before, working, reply_rows)
         if write:
+            started = time.perf_counter()
             await self.store.commit(write)
+            self.commits += 1
+            self.commit_seconds += time.perf_counter() - started
         self._swap_in(working, events)
         return replies
 
@@ -314,6 +319,7 @@ class ShardCore:
             shard_id=self.cfg.shard_id, ready=self.store.healthy,
             resident_stocks=sum(len(v) for v in self.stocks.values()),
             pending_timers=len(self.timers), batches=self.batches, commands=self.commands,
+            commits=self.commits, commit_seconds=self.commit_seconds,
         )
 
 

@@ -642,8 +642,11 @@ def _policy(w: _Work, cmd: SetStockPolicy) -> Decision:
     if cmd.max_stock and cmd.max_stock < max(cmd.min_stock, cmd.reorder_point):
         return w.finish(_invalid("max_stock: must be at least min_stock and reorder_point"))
     key = (cmd.organization_id, cmd.variant_id, cmd.warehouse_id)
-    if w.touch(key) is None:
+    state = w.touch(key)
+    if state is None:
         return w.finish(Rejected("not_found", f"no stock of variant {cmd.variant_id} in warehouse {cmd.warehouse_id}"))
+    if state.status == "archived":
+        return w.finish(Rejected("archived", f"variant {cmd.variant_id} is archived"))
     w.emit(key, PolicyChanged(cmd.min_stock, cmd.max_stock, cmd.reorder_point))
     return w.finish(DoneResult(levels=(w.level(key),)))
 
@@ -673,9 +676,9 @@ def _ship_transfer(w: _Work, cmd: ShipTransfer) -> Decision:
     if destination is None:
         w.create(dst, StockCreated())
     w.emit(src, StockMoved("transfer_out", on_hand_delta=-cmd.quantity, reason=cmd.reason,
-                           reference_id=cmd.transfer_id))
+                           reference_id=cmd.transfer_id, source=cmd.source))
     w.emit(dst, StockMoved("transfer_in_transit", in_transit_delta=cmd.quantity, reason=cmd.reason,
-                           reference_id=cmd.transfer_id))
+                           reference_id=cmd.transfer_id, source=cmd.source))
     return w.finish(DoneResult(levels=(w.level(src), w.level(dst))))
 
 

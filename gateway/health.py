@@ -327,7 +327,8 @@ class HealthMonitor:
             if status is not None:
                 m.resident_stocks.labels(label).set(status.resident_stocks)
                 m.pending_timers.labels(label).set(status.pending_timers)
-                m.snapshots.shard_totals[shard] = (status.batches, status.commands)
+                m.snapshots.shard_totals[shard] = (status.batches, status.commands, status.commits,
+                                                   status.commit_seconds)
 
 
 # ---------------------------------------------------------------- HTTP routes

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from actors.messages import Command, Reply
@@ -153,7 +153,8 @@ class SnapshotCollector(Collector):
         self.breakers: Breakers | None = None
         self.validator: VariantValidator | None = None
         self.bridge: ActorBridge | None = None
-        self.shard_totals: dict[int, tuple[int, int]] = {}  # shard -> (batches, commands) from ShardStatus
+        # shard -> (batches, commands, commits, commit seconds) from its ShardStatus
+        self.shard_totals: dict[int, tuple[int, int, int, float]] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -188,11 +189,16 @@ class SnapshotCollector(Collector):
                                       labels=["shard"])
         commands = CounterMetricFamily("inventory_shard_commands", "Commands a shard processed (its ShardStatus)",
                                        labels=["shard"])
-        for shard, (b, c) in sorted(self.shard_totals.items()):
+        commit = SummaryMetricFamily("inventory_shard_commit_seconds",
+                                     "Time a shard spends committing a batch's transaction (its ShardStatus)",
+                                     labels=["shard"])
+        for shard, (b, c, n, seconds) in sorted(self.shard_totals.items()):
             batches.add_metric([str(shard)], b)
             commands.add_metric([str(shard)], c)
+            commit.add_metric([str(shard)], count_value=n, sum_value=seconds)
         yield batches
         yield commands
+        yield commit
 
 
 class MeasuredBridge(ActorBridge):

@@ -341,10 +341,10 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
             invalid("reason: longer than 1000 characters or contains NUL")
         transfer_id = request.transfer_id or str(uuid.uuid4())
         require_id(transfer_id, "transfer_id")
-        await self.core.check_variant(org, variant)  # ShipTransfer has no `source` field for the ledger yet
+        source = await self.core.check_variant(org, variant)
         reply = await self.core.ask_ok(org, variant, ShipTransfer(
             org, variant, request.from_warehouse_id, request.to_warehouse_id, request.quantity, transfer_id,
-            request.reason, create_if_missing=True))
+            request.reason, create_if_missing=True, source=source))
         assert isinstance(reply, DoneResult)
         return pb.TransferResponse(transfer_id=transfer_id, source=_level_pb(reply.levels[0]),
                                    destination=_level_pb(reply.levels[1]))
