@@ -63,16 +63,15 @@ def cmd_migrate(settings: Settings) -> int:
 
 def cmd_actors(settings: Settings, ready_file: str | None, node: str | None = None,
                admin_port: int | None = None, leader: str | None = None) -> int:
-    from actors.system import run_launcher, run_node
+    from actors.system import run_node
 
     if not settings.database_url:
         raise ConfigError("inventory actors needs INVENTORY_DATABASE_URL")
-    if node or leader:
-        port = admin_port or settings.actor_port
-        return run_node(node or "node-1", port, leader or f"127.0.0.1:{port}", settings.database_url,
-                        settings.shards, ready_file, passivate_after=settings.passivate_after_seconds)
-    return run_launcher(settings.actor_port, settings.database_url, settings.shards, ready_file,
-                        passivate_after=settings.passivate_after_seconds)
+    # A single node is a cluster of one: its registrar health-checks the shards and recreates one
+    # whose process died, exactly as it does across nodes.
+    port = admin_port or settings.actor_port
+    return run_node(node or "node-1", port, leader or f"127.0.0.1:{port}", settings.database_url,
+                    settings.shards, ready_file, passivate_after=settings.passivate_after_seconds)
 
 
 def cmd_gateway(settings: Settings) -> int:

@@ -69,11 +69,6 @@ async def shard_pids(svc: Service) -> list[int]:
     return sorted(found)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: after kill -9 of one shard process of a single-node `inventory serve`, the variants of that shard "
-    "are not served again (not within 60 s either): the bridge keeps logging 'shard 0 did not answer batch N "
-    "in 30 s', and no replacement shard takes the killed one's advisory lock (holders before [a, b], 20 s "
-    "after: [b]), so the registrar's recreation does not happen or does not complete in this mode"))
 async def test_kill_9_of_a_shard_under_load(service):
     org = f"kill-shard-{uuid.uuid4()}"
     tally = Tally()

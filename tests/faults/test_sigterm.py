@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from conftest import TEST_DATABASE_URL, Service, database_url_named, ensure_database, free_port, running
-from fault_load import Tally, prepare, violations, worker
+from fault_load import VARIANTS, Tally, prepare, violations, worker
 
 from gateway.pb import inventory_pb2 as pb
 from gateway.pb import inventory_pb2_grpc as pbg
@@ -40,6 +40,12 @@ async def test_sigterm_under_load_loses_nothing_acknowledged(service):
     async with grpc.aio.insecure_channel(service.target) as channel:
         inv, admin = pbg.InventoryServiceStub(channel), pbg.InventoryAdminServiceStub(channel)
         await prepare(admin, org)
+        # One reservation the workers never touch, so there is always an open one to find after the restart.
+        keeper = await inv.ReserveStock(pb.ReserveStockRequest(
+            organization_id=org, order_id="keeper", ttl_seconds=600,
+            items=[pb.ReserveItem(variant_id=VARIANTS[0], quantity=1)]), timeout=10)
+        tally.outcomes["OK"] += 1
+        tally.reserved[keeper.reservation_id] = "active"
         stop = asyncio.Event()
         workers = [asyncio.create_task(worker(stop, tally, inv, admin, org, seed)) for seed in range(4)]
         try:
