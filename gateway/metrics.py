@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 from actors.messages import Command, Reply
 from gateway.breaker import STATE_VALUE, Breakers
 from gateway.bridge import ActorBridge, BridgeStats
+from gateway.interceptors import UnaryInterceptor
 
 if TYPE_CHECKING:
     from gateway.catalog import VariantValidator
@@ -290,30 +291,14 @@ def _request_ids(request: Any, context: grpc.aio.ServicerContext) -> dict[str, s
     return ids
 
 
-class RpcInterceptor(grpc.aio.ServerInterceptor):
+class RpcInterceptor(UnaryInterceptor):
     """Counts and times unary calls by method and code, and logs them with the request's ids."""
 
     def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
         self.metrics = metrics
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streams (health Watch, reflection) pass through
-        method: str = details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-                self._measure(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return wrapped
-
-    def _measure(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def wrap(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         metrics = self.metrics
         short = method.rsplit("/", 1)[-1]
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 
+from gateway.interceptors import UnaryInterceptor
+
 MAX_TRACKED = 100_000
 """Buckets kept (least recently used dropped): random organization ids cannot grow memory without bound.
 A dropped bucket comes back full, which only ever favours the caller."""
@@ -47,27 +49,12 @@ class TokenBuckets:
         return allowed
 
 
-class QuotaInterceptor(grpc.aio.ServerInterceptor):
+class QuotaInterceptor(UnaryInterceptor):
     def __init__(self, rate: float, burst: int) -> None:
+        super().__init__()
         self.buckets = TokenBuckets(rate, burst)
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streams (health Watch, reflection) pass through
-        method: str = details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
-                self._limit(handler.unary_unary), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        return wrapped
-
-    def _limit(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def wrap(self, method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         buckets = self.buckets
 
         async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
