@@ -24,7 +24,6 @@ import random
 import signal
 import socket
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -35,7 +34,9 @@ import asyncpg
 import grpc
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from conftest import eventually
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tcp_proxy import TcpProxy
 
 from actors.keys import reservation_id, shard_of, stock_id
 from gateway import amqp
@@ -62,14 +63,7 @@ DSN = _url_for(DATABASE)
 
 
 async def until(probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout} s (last: {value!r})")
-        await asyncio.sleep(0.02)
+    return await eventually(probe, timeout=timeout, interval=0.02, what=what)
 
 
 async def _value(value: T) -> T:
@@ -90,51 +84,6 @@ def free_port(ports: range) -> int:
 
 
 # ---------------------------------------------------------------- a broker outage on demand
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to RabbitMQ; `cut()` drops every connection and refuses new ones."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.transport.abort()
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def restore(self) -> None:
-        await self.start()
 
 
 # ---------------------------------------------------------------- the service
@@ -355,8 +304,8 @@ async def svc(broker: AbstractRobustConnection, tmp_path_factory: pytest.TempPat
             await conn.execute(f'CREATE DATABASE "{DATABASE}"')
     finally:
         await conn.close()
-    proxy = TcpProxy((AMQP_HOST, AMQP_PORT))
-    await proxy.start()
+    proxy = TcpProxy(AMQP_HOST, AMQP_PORT)
+    await proxy.up()
     service = EventsService(proxy, tmp_path_factory.mktemp("events"))
     try:
         await service.start(broker)
@@ -372,7 +321,7 @@ async def svc(broker: AbstractRobustConnection, tmp_path_factory: pytest.TempPat
             with contextlib.suppress(Exception):
                 await service.delete_topology(broker)
             if proxy._server is not None:
-                await proxy.cut()
+                await proxy.down()
 
 
 @pytest.fixture
@@ -758,7 +707,7 @@ async def test_a_malformed_message_is_dead_lettered_with_its_reason_and_the_next
 async def test_while_rabbitmq_is_down_grpc_keeps_serving_the_outbox_grows_and_drains_in_order_after(
         svc: EventsService, org: str) -> None:
     await svc.warehouse(org, "wh_101")
-    await svc.proxy.cut()
+    await svc.proxy.down()
     try:
         for _ in range(20):
             await svc.receive(org, "bolt", "wh_101", 1)  # gRPC answers while the broker is unreachable
@@ -767,7 +716,7 @@ async def test_while_rabbitmq_is_down_grpc_keeps_serving_the_outbox_grows_and_dr
         assert unsent >= 40  # 20 x (stock.updated + movement.in), waiting
         assert svc.of(org) == []
     finally:
-        await svc.proxy.restore()
+        await svc.proxy.up()
     await svc.drained(org)
     updates = [e["data"]["on_hand"] for e in svc.of(org, "inventory.stock.updated")]
     assert updates == list(range(1, 21))  # every one, in order

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ import grpc
 import pytest
 from conftest import TEST_DATABASE_URL, Service, database_url_named, ensure_database, free_port, running
 from fault_load import Tally, prepare, violations, worker
+from tcp_proxy import TcpProxy
 
 from gateway.pb import inventory_pb2_grpc as pbg
 from persistence.migrate import migrate
@@ -32,49 +32,6 @@ DATABASE_URL = database_url_named(TEST_DATABASE_URL, "inv_security_faults")
 OUTAGE_SECONDS = 8.0
 RECOVERY_LIMIT = 30.0
 VARIANTS = [f"v{i}" for i in range(6)]
-
-
-class TcpProxy:
-    """127.0.0.1:<port> -> Postgres; `down()` stops listening and cuts every connection, `up()` listens again."""
-
-    def __init__(self, target_host: str, target_port: int, port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = port
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def up(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
-
-    async def down(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in list(self.writers):
-            w.transport.abort()
-        self.writers.clear()
-        await self.server.wait_closed()
-        self.server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        self.writers.update({writer, up_writer})
-
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            try:
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            except (OSError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                w.transport.abort()
-                self.writers.discard(w)
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
 
 @pytest.fixture
@@ -93,11 +50,7 @@ async def proxied_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
         async with running(svc):
             yield svc, proxy
     finally:
-        if proxy.server is None:
-            with contextlib.suppress(OSError):
-                await proxy.up()
-        if proxy.server is not None:
-            await proxy.down()
+        await proxy.down()  # idempotent: also when the test left it down
 
 
 async def test_postgres_outage_fails_fast_recovers_and_keeps_the_invariants(proxied_service):

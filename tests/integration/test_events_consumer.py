@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -23,6 +22,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from conftest import eventually
 
 from gateway import amqp
 from gateway.config import Settings
@@ -41,14 +41,7 @@ def _url_for(name: str) -> str:
 
 
 async def until(probe: Callable[[], Awaitable[T | None]], timeout: float = 10.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout} s (last: {value!r})")
-        await asyncio.sleep(0.02)
+    return await eventually(probe, timeout=timeout, interval=0.02, what=what)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from conftest import eventually
 
 from gateway import amqp
 from gateway.config import Settings
@@ -44,14 +45,7 @@ DSN = _url_for(DATABASE)
 
 
 async def until(probe: Callable[[], Awaitable[T | None]], timeout: float = 10.0, what: str = "condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached within {timeout} s (last: {value!r})")
-        await asyncio.sleep(0.02)
+    return await eventually(probe, timeout=timeout, interval=0.02, what=what)
 
 
 @pytest.fixture(scope="module")
