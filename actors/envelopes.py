@@ -50,13 +50,6 @@ class ShardStatusRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class RegisterShards:
-    """Launcher -> registrar: the configured shards, by shard id."""
-
-    addresses: tuple[object, ...]
-
-
-@dataclass(frozen=True, slots=True)
 class ShardMapRequest:
     pass
 

@@ -1,9 +1,9 @@
 """Starting, joining and stopping the Thespian actor system that hosts the shards.
 
-The `actors` process (launcher) starts a `multiprocTCPBase` system on the admin port,
-creates a registrar and N shards, configures each shard (it connects to Postgres and
-takes its lock), then registers them with the registrar. Gateways join the same admin
-port and ask the registrar for the shard map; they never create shards.
+The `actors` process starts a `multiprocTCPBase` system on the admin port as one node of
+a Thespian convention (a single node is a cluster of one). On the leader, the cluster
+registrar (actors/registrar.py) creates, configures and supervises the N shards. Gateways
+join the leader's admin port and ask the registrar for the shard map; they never create shards.
 
 Thespian's multiproc admin daemonizes: its processes are not in the launcher's process
 group, so the launcher must call `shutdown()` on every exit path.
@@ -20,7 +20,7 @@ from typing import Any
 
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
-from actors.envelopes import ClusterStart, RegisterShards, ShardConfigure, ShardMap, ShardMapRequest, ShardStatus
+from actors.envelopes import ClusterStart, ShardMap, ShardMapRequest
 
 log = logging.getLogger("inventory.actors")
 
@@ -40,43 +40,17 @@ def thespian_logging(level: int = logging.WARNING) -> dict[str, Any]:
 
 
 class Registrar(ActorTypeDispatcher):
-    """Owns the map from shard id to shard address; gateways ask it, never look shards up by name."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.addresses: tuple[object, ...] = ()
-
-    def receiveMsg_RegisterShards(self, msg: RegisterShards, sender: Any) -> None:
-        self.addresses = msg.addresses
-        self.send(sender, ShardMap(len(self.addresses), self.addresses))
+    """The name under which the cluster registrar is found. A gateway that asks before any
+    `inventory actors` started gets this stand-in, which answers an empty map (so it waits)."""
 
     def receiveMsg_ShardMapRequest(self, msg: ShardMapRequest, sender: Any) -> None:
-        self.send(sender, ShardMap(len(self.addresses), self.addresses))
+        self.send(sender, ShardMap(0, ()))
 
 
 def join(admin_port: int) -> ActorSystem:
     """Join (or, if none runs on that port, start) the actor system."""
     return ActorSystem(SYSTEM_BASE, capabilities={"Admin Port": admin_port},
                        logDefs=thespian_logging())
-
-
-def start_shards(asys: ActorSystem, dsn: str, shard_count: int, timeout: float = 60.0,
-                 passivate_after: float = 600.0) -> ShardMap:
-    from actors.shard import StockShard
-
-    registrar = asys.createActor(Registrar, globalName=REGISTRAR_NAME)
-    addresses = []
-    for shard_id in range(shard_count):
-        addr = asys.createActor(StockShard)
-        status = asys.ask(addr, ShardConfigure(shard_id, shard_count, dsn, passivate_after), timeout)
-        if not isinstance(status, ShardStatus) or not status.ready:
-            why = status.error if isinstance(status, ShardStatus) else f"no answer in {timeout:.0f} s"
-            raise RuntimeError(f"shard {shard_id} did not start: {why}")
-        addresses.append(addr)
-    shard_map = asys.ask(registrar, RegisterShards(tuple(addresses)), timeout)
-    if not isinstance(shard_map, ShardMap):
-        raise RuntimeError("the registrar did not answer")
-    return shard_map
 
 
 def registrar_address(asys: ActorSystem) -> Any:
@@ -95,28 +69,6 @@ def fetch_shard_map(asys: ActorSystem, timeout: float = 60.0) -> ShardMap:
         if time.monotonic() > deadline:
             raise TimeoutError("no shards registered: is `inventory actors` running?")
         time.sleep(0.2)
-
-
-def run_launcher(admin_port: int, dsn: str, shard_count: int, ready_file: str | None = None,
-                 passivate_after: float = 600.0) -> int:
-    """The `inventory actors` process: start everything, wait for a signal, stop everything."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    asys = join(admin_port)
-    try:
-        shard_map = start_shards(asys, dsn, shard_count, passivate_after=passivate_after)
-        log.info("actor system on admin port %d with %d shards", admin_port, shard_map.shard_count)
-        if ready_file:
-            with open(ready_file + ".tmp", "w") as f:
-                f.write(str(os.getpid()))
-            os.replace(ready_file + ".tmp", ready_file)
-        while not stop.wait(0.5):
-            pass
-        return 0
-    finally:
-        log.info("stopping the actor system on admin port %d", admin_port)
-        asys.shutdown()
 
 
 # ---------------------------------------------------------------- several nodes

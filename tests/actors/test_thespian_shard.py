@@ -74,8 +74,8 @@ async def actor_system(tmp_path: Path):
     port = _free_port()
     marker = f"inventory-test-{uuid.uuid4().hex}"
     ready = tmp_path / "ready"
-    code = ("import sys, logging; from actors.system import run_launcher; "
-            f"sys.exit(run_launcher({port}, {dsn!r}, 1, {str(ready)!r}))  # {marker}")
+    code = ("import sys, logging; from actors.system import run_node; "
+            f"sys.exit(run_node('node-1', {port}, '127.0.0.1:{port}', {dsn!r}, 1, {str(ready)!r}))  # {marker}")
     launcher = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.monotonic() + 60
     while not ready.exists():
