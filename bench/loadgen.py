@@ -7,7 +7,8 @@ parent can sample CPU counters exactly there), then one JSON line with the resul
 
 Targets:
   grpc  ReserveStock through a gRPC stub (the service, or the echo server on another
-        method path: same client code, same request and response types);
+        method path: same client code, same request and response types); with
+        `targets` (a list) the channels are spread over several servers;
   pg    the classic guarded UPDATE + INSERT in one transaction, through asyncpg.
 
 A call counts if it *completes* inside the window; its latency is end - start as the
@@ -103,12 +104,14 @@ async def run_grpc(spec: dict[str, Any]) -> dict[str, Any]:
 
     from gateway.pb import inventory_pb2 as pb
 
+    # `targets` (several gateways): channel i goes to targets[i % n], callers round-robin over channels.
+    targets = spec.get("targets") or [spec["target"]]
     channels = [
-        grpc.aio.insecure_channel(spec["target"], options=[
+        grpc.aio.insecure_channel(targets[i % len(targets)], options=[
             ("grpc.use_local_subchannel_pool", 1),  # a TCP connection per channel, not a shared one
             ("grpc.channel_id", i),
         ])
-        for i in range(spec["channels"])
+        for i in range(max(spec["channels"], len(targets)))
     ]
     for ch in channels:
         await asyncio.wait_for(ch.channel_ready(), 30)

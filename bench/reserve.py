@@ -37,18 +37,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import datetime as dt
-import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +54,9 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
+import common
 import procs
+from common import admin_dsn, append_csv, db_name, git_commit, log
 from echo_server import ECHO_PATH
 from loadgen import RESERVE_PATH
 
@@ -79,20 +77,7 @@ TARGETS = {  # the bars in the table: 64/256 in flight each
 }
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------- database
-
-
-def admin_dsn(dsn: str, database: str = "test") -> str:
-    u = urllib.parse.urlsplit(dsn)
-    return urllib.parse.urlunsplit(u._replace(path="/" + database))
-
-
-def db_name(dsn: str) -> str:
-    return urllib.parse.urlsplit(dsn).path.lstrip("/")
 
 
 BASELINE_DDL = """
@@ -284,29 +269,8 @@ def phase_spec(env: Env, target: str, concurrency: int, hot: str, order_prefix: 
 
 
 def wait_for_quiet(env: Env) -> float:
-    """Wait (bounded) until the rest of the machine uses less than --quiet cores; return what it used.
-
-    This machine is shared (other sessions run tests on it): two cores are easily half taken
-    by someone else, which would halve any number measured here.
-    """
-    a = env.args
-    if a.quiet <= 0:
-        return 0.0
-    deadline = time.monotonic() + a.quiet_timeout
-    said = False
-    while True:
-        s0 = procs.snapshot()
-        time.sleep(2.0)
-        s1 = procs.snapshot()
-        other = procs.cpu_by_group(s0, s1, env.roles, env.dbname)["other"] / (s1.at - s0.at)
-        if other <= a.quiet:
-            return other
-        if time.monotonic() > deadline:
-            log(f"  the machine is still busy ({other:.2f} cores used by other processes): measuring anyway")
-            return other
-        if not said:
-            log(f"  waiting for a quiet machine: other processes use {other:.2f} cores (> {a.quiet})")
-            said = True
+    """Wait (bounded) until the rest of the machine uses less than --quiet cores; return what it used."""
+    return common.wait_for_quiet(env.roles, env.dbname, env.args.quiet, env.args.quiet_timeout)
 
 
 def run_phase(env: Env, phase: Phase, hot: str, tag: str = "", on_t0: Any = None) -> Phase:
@@ -314,49 +278,18 @@ def run_phase(env: Env, phase: Phase, hot: str, tag: str = "", on_t0: Any = None
     tag = f"-pool{phase.pool}{tag}" if phase.pool else tag
     spec = phase_spec(env, phase.target, phase.concurrency, hot,
                       order_prefix=f"{phase.target}-c{phase.concurrency}-r{phase.round}{tag}", pool=phase.pool)
-    child = procs.Child(f"load-{phase.target}-c{phase.concurrency}-r{phase.round}{tag}",
-                        [PY, str(BENCH / "loadgen.py"), json.dumps(spec)], None, env.log_dir)
-    env.children.append(child)
-    roles = dict(env.roles)
-    roles[child.pid] = "client"
-    timeout = env.args.warmup + env.args.duration + env.args.call_timeout + 120
-    deadline = time.monotonic() + timeout
-    snap0 = snap1 = None
-    w0 = w1 = 0.0
-    extra = None
-    try:
-        while True:
-            line = child.readline(max(1.0, deadline - time.monotonic()))
-            if line is None:
-                raise RuntimeError(f"{child.name} exited with code {child.proc.wait()} without a result:\n"
-                                   f"{child.stderr_tail()}")
-            if line == "T0":
-                snap0 = procs.snapshot()
-                w0 = time.time()
-                if on_t0 is not None:
-                    extra = on_t0()
-            elif line == "T1":
-                snap1 = procs.snapshot()
-                w1 = time.time()
-            elif line.startswith("RESULT "):
-                phase.result = json.loads(line[7:])
-                break
-        child.proc.wait(30)
-    finally:
-        child.stop(10)
-        env.children.remove(child)
-    assert snap0 is not None and snap1 is not None
-    seconds = snap1.at - snap0.at
-    phase.cpu = {k: v / seconds for k, v in procs.cpu_by_group(snap0, snap1, roles, env.dbname).items()}
-    phase.cpu["client_self"] = phase.result["client_cpu_s"] / env.args.duration
-    if phase.target.startswith("svc"):
-        phase.commits = asyncio.run(service_batches(env.args.dsn, w0, w1))
     service_pids = [p for p, r in env.roles.items() if r in ("gateway", "actors")]
-    phase.top = [(f"{env.roles[p]}:{p}", used / seconds) for p, used in procs.top_pids(snap0, snap1, service_pids)]
+    run = common.run_load(f"load-{phase.target}-c{phase.concurrency}-r{phase.round}{tag}", spec, env.roles,
+                          env.dbname, env.log_dir, env.children, watch=service_pids, on_t0=on_t0)
+    phase.result = run.result
+    phase.cpu = run.cpu
+    if phase.target.startswith("svc"):
+        phase.commits = asyncio.run(service_batches(env.args.dsn, *run.wall))
+    phase.top = [(f"{env.roles[p]}:{p}", cores) for p, cores in run.top]
     key = f"{phase.target}:{hot if phase.target.endswith('hot') else 'uniform'}"
     env.ok_by_target[key] = env.ok_by_target.get(key, 0) + phase.result["ok_total"]
-    if extra is not None:
-        phase.result["_extra"] = extra
+    if run.extra is not None:
+        phase.result["_extra"] = run.extra
     return phase
 
 
@@ -450,23 +383,15 @@ def profile_phase(env: Env, concurrency: int) -> str:
     Every actor process, not only the busy ones of the measured phase: the profile's hot
     stock is another variant, which may live in the other shard.
     """
-    pyspy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
-    if not Path(pyspy).exists():
+    if common.pyspy_path() is None:
         return "py-spy not found: `.venv/bin/pip install py-spy` to profile"
     pids = [p for p, role in env.roles.items() if role in ("gateway", "actors")]
     out_dir = env.log_dir / "profile"
-    out_dir.mkdir(exist_ok=True)
     seconds = max(3, int(env.args.duration) - 1)
     spies: list[tuple[int, Path, subprocess.Popen[bytes]]] = []
 
     def attach() -> bool:
-        for pid in pids:
-            path = out_dir / f"{env.roles.get(pid, 'proc')}-{pid}.txt"
-            # --nonblocking: never pause the service (--native, which must pause it, cut throughput 7x here)
-            cmd = [pyspy, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "100",
-                   "--format", "raw", "--nonblocking", "--output", str(path)]
-            spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-            spies.append((pid, path, spy))
+        spies.extend(common.pyspy_start({p: env.roles.get(p, "proc") for p in pids}, out_dir, seconds))
         return True
 
     cpu: dict[int, float] = {}
@@ -476,17 +401,13 @@ def profile_phase(env: Env, concurrency: int) -> str:
         cpu[int(name.split(":")[1])] = cores
     report = [(f"profile: service hot stock, {concurrency} in flight, py-spy --nonblocking at 100 Hz for {seconds} s "
                f"(ops/s under the profiler: {phase.ops:,.0f}); raw stacks in {out_dir}")]
-    for pid, path, spy in spies:
-        try:
-            _, err = spy.communicate(timeout=seconds + 60)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            err = b"timed out"
+    errors = common.pyspy_wait(spies, seconds)
+    for pid, path, _ in spies:
         if cpu.get(pid, 0.0) < 0.03:
             continue  # an idle actor process (admin, logger, registrar, the other shard)
         title = f"{env.roles.get(pid)} pid {pid}, {cpu.get(pid, 0.0):.2f} cores"
-        if not path.exists():
-            report.append(f"  {title}: py-spy failed: {err.decode(errors='replace')[-300:]}")
+        if pid in errors:
+            report.append(f"  {title}: py-spy failed: {errors[pid]}")
             continue
         report.append(summarize_profile(title, path))
     return "\n".join(report)
@@ -727,39 +648,6 @@ def report(env: Env, runs: dict[tuple[str, int], list[Phase]], settings: dict[st
                f" baseline: asyncpg pool of {'/'.join(map(str, a.pg_pool))} connections (best reported), reset=None;"
                f" gRPC client: {a.channels} channels, uvloop; machine: {os.cpu_count()} cores")
     return out, csv_rows, all_met
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], check=False, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return ""
-
-
-def append_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        return
-    fields = list(rows[0])
-    for r in rows[1:]:
-        fields += [k for k in r if k not in fields]
-    exists = path.exists() and path.stat().st_size > 0
-    if exists:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        fields = header + [k for k in fields if k not in header]
-        if fields != header:  # new columns: rewrite with the wider header
-            with open(path, newline="") as f:
-                old = list(csv.DictReader(f))
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
-                w.writeheader()
-                w.writerows(old)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if not exists:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def plot(path: Path, runs: dict[tuple[str, int], list[Phase]], concurrencies: list[int]) -> str:
