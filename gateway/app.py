@@ -29,6 +29,7 @@ from gateway.metrics import MeasuredBridge, Metrics, RpcInterceptor, install_req
 from gateway.pb import inventory_pb2, inventory_pb2_grpc
 from gateway.quota import QuotaInterceptor
 from gateway.service import AdminServicer, InventoryServicer
+from gateway.sweep import OverdueSweeper
 from persistence import queries, reconcile
 
 log = logging.getLogger("inventory.gateway")
@@ -49,6 +50,7 @@ class Gateway:
     ops: Operations | None = None
     events: EventIntegration | None = None
     reconciler: asyncio.Task[None] | None = None
+    sweeper: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -59,9 +61,10 @@ class Gateway:
         if self.ops is not None:
             await self.ops.monitor.stop()  # /readyz 503 and health never SERVING again
         await self.set_serving(False)
-        if self.reconciler is not None:
-            self.reconciler.cancel()
-            await asyncio.gather(self.reconciler, return_exceptions=True)
+        for job in (self.reconciler, self.sweeper):
+            if job is not None:
+                job.cancel()
+                await asyncio.gather(job, return_exceptions=True)
         if self.events is not None:
             await self.events.stop_consumers(grace)  # what is not acked goes back to its queue
         await self.server.stop(grace)
@@ -142,6 +145,9 @@ async def start_gateway(settings: Settings) -> Gateway:
         gw.reconciler = asyncio.create_task(reconcile.run_periodically(
             pool, settings.reconcile_interval_seconds,
             lambda report: metrics.reconcile_drift.set(len(report.drifts))), name="reconciler")
+    if settings.sweep_interval_seconds > 0:
+        sweeper = OverdueSweeper(settings.database_url, bridge, settings.sweep_interval_seconds, metrics)
+        gw.sweeper = asyncio.create_task(sweeper.run(), name="overdue-sweep")
     log.info("gateway serving gRPC on port %d with %d shards", port, bridge.shard_count)
     return gw
 

@@ -106,6 +106,7 @@ class Settings:
     quota_rps: float = 0.0  # requests per second per organization_id; 0: no quotas
     quota_burst: int = 0  # bucket size per organization_id; 0: max(1, quota_rps)
     reconcile_interval_seconds: float = 60.0  # background drift check of stocks vs ledger; 0: off
+    sweep_interval_seconds: float = 30.0  # Postgres sweep for overdue reservation lines no timer expired; 0: off
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -150,6 +151,7 @@ class Settings:
             quota_rps=_float(e, "INVENTORY_QUOTA_RPS", 0.0),
             quota_burst=_int(e, "INVENTORY_QUOTA_BURST", 0, 0, 10_000_000),
             reconcile_interval_seconds=_float(e, "INVENTORY_RECONCILE_INTERVAL_SECONDS", 60.0),
+            sweep_interval_seconds=_float(e, "INVENTORY_SWEEP_INTERVAL_SECONDS", 30.0),
         )
 
     def with_database(self, url: str) -> Settings:

@@ -101,6 +101,13 @@ class Metrics:
             "Stocks whose snapshot differs from their ledger or open reservation lines at the last reconcile "
             "run (-1: no run yet)", registry=r)
         self.reconcile_drift.set(-1)
+        self.sweep_runs = Counter(
+            "inventory_reservation_sweep_runs",
+            "Runs of the overdue reservation sweep made by this gateway (while it holds the sweep lock)", registry=r)
+        self.sweep_lines = Counter(
+            "inventory_reservation_sweep_lines",
+            "Overdue reservation lines the sweep found in Postgres and handed to their shard, by outcome "
+            "(expired, unchanged, failed)", ["outcome"], registry=r)
         self.snapshots = SnapshotCollector()
         r.register(self.snapshots)
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}

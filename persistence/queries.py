@@ -99,6 +99,30 @@ async def list_movements(pool: asyncpg.Pool, organization_id: str, variant_id: s
     return [MovementRow(*r) for r in rows]
 
 
+# ---------------------------------------------------------------- the overdue-reservation sweep (gateway/sweep.py)
+
+
+@dataclass(frozen=True)
+class OverdueLine:
+    organization_id: str
+    variant_id: str
+    warehouse_id: str
+    reservation_id: str
+    expires_at: float  # epoch seconds
+
+
+async def overdue_lines(conn: asyncpg.Connection | asyncpg.Pool, grace_seconds: float,
+                        limit: int) -> list[OverdueLine]:
+    """Open TTL lines (status active) of every organization and shard that are past `expires_at` by more
+    than `grace_seconds`, oldest first. Read only: the owning shard expires them."""
+    rows = await conn.fetch(
+        "SELECT organization_id, variant_id, warehouse_id, reservation_id,"
+        " extract(epoch FROM expires_at)::float8 FROM reservation_lines"
+        " WHERE status = 'active' AND expires_at < now() - make_interval(secs => $1)"
+        " ORDER BY expires_at LIMIT $2", grace_seconds, limit)
+    return [OverdueLine(*r) for r in rows]
+
+
 # ---------------------------------------------------------------- read-only queries for metrics (gateway/health.py)
 
 
