@@ -18,13 +18,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
+
+from thespian.actors import WatchMessage
+from thespian.system import isInternalActorSystemMessage
+from thespian.system.transport import ReceiveEnvelope
 
 from actors.envelopes import ShardBatch, ShardBatchResult, ShardMap, ShardMapRequest
 from actors.messages import Command, Rejected, Reply, decode_replies, encode_batch
@@ -32,6 +38,59 @@ from actors.messages import Command, Rejected, Reply, decode_replies, encode_bat
 log = logging.getLogger("inventory.bridge")
 
 _Item = tuple[Command, "asyncio.Future[Reply]"]
+_Inflight = tuple[int, list[_Item], float, Any]  # shard, callers, sent at, transmit tracker
+_WOKEN = object()
+_MAX_SLEEP = 0.1  # the longest sleep in the transport: reply timeouts are checked this often
+
+
+class _Link:
+    """The bridge thread's end of Thespian, without the polling.
+
+    `ActorSystem.tell` runs the transport until the receiver acknowledges and `listen`
+    cannot be woken from another thread, so a bridge built on them must poll (and
+    polling a Thespian transport builds a selector per pass: it cost more CPU than the
+    gRPC server). This link schedules transmits without waiting (the transport sends
+    them while it waits for replies) and watches a pipe that `ActorBridge.call` writes to
+    when new work arrives for a shard with room. Built on the transport's own hooks
+    (`_tx_to_actor`, `_run_transport`, `set_watch`) of thespian 4.0.1, pinned in
+    pyproject.toml; tests/actors/test_bridge.py covers it against a real actor system.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self.base = ctx._systemBase
+        self.wake_read, self.wake_fd = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self.wake_fd, False)
+        self.base.transport.set_watch([self.wake_read])
+
+    def send(self, address: object, message: object) -> Any:
+        """Queue `message` for `address`; the returned tracker's `failed` turns true on a failed send."""
+        return self.base._tx_to_actor(address, message)
+
+    def receive(self, timeout: float) -> object | None:
+        """The next message for this endpoint, `_WOKEN`, or None when `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            envelope = self.base._run_transport(timedelta(seconds=max(0.0, deadline - time.monotonic())))
+            if not isinstance(envelope, ReceiveEnvelope):
+                return None  # timed out, or a failed transmit aborted the run
+            message = envelope.message
+            if isinstance(message, WatchMessage):
+                try:
+                    while os.read(self.wake_read, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+                return _WOKEN
+            if not isInternalActorSystemMessage(message):
+                return message  # type: ignore[no-any-return]
+            if time.monotonic() >= deadline:
+                return None
+
+    def close(self) -> None:
+        self.base.transport.set_watch([])
+        os.close(self.wake_read)
+        os.close(self.wake_fd)
 
 
 @dataclass
@@ -83,6 +142,12 @@ class ActorBridge:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        # Wake-up protocol with the thread (see `call`): all three are written by one side and
+        # read by the other; the GIL makes each read and write atomic.
+        self._busy: list[int] = [0] * self.shard_count
+        self._sleeping = False
+        self._wake_sent = False
+        self._wake_fd = -1
 
     # ------------------------------------------------------------ asyncio side
 
@@ -100,6 +165,15 @@ class ActorBridge:
             return Rejected("unavailable", "the service is shutting down")
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self._queue.put((shard, command, fut))
+        # The thread sleeps in the transport while batches are in flight. Wake it only if this
+        # command can leave now (its shard has room); otherwise the next reply wakes it anyway.
+        # It sets `_sleeping` before its last look at the queue, so no wake-up is lost.
+        if self._sleeping and not self._wake_sent and self._busy[shard] < self.max_inflight:
+            self._wake_sent = True
+            try:
+                os.write(self._wake_fd, b"!")
+            except (BlockingIOError, OSError):
+                pass  # a full pipe already wakes it; a closed one means it has stopped
         return await fut
 
     async def call_many(self, calls: Sequence[tuple[int, Command]]) -> list[Reply]:
@@ -131,38 +205,35 @@ class ActorBridge:
             ctx_manager.__exit__(None, None, None)
 
     def _serve(self, ctx: Any) -> None:
+        link = _Link(ctx)
+        self._wake_fd = link.wake_fd
+        try:
+            self._pump(link)
+        finally:
+            self._wake_fd = -1
+            link.close()
+
+    def _pump(self, link: _Link) -> None:
         pending: dict[int, list[_Item]] = defaultdict(list)
-        inflight: dict[int, tuple[int, list[_Item], float]] = {}
-        busy = [0] * self.shard_count
+        inflight: dict[int, _Inflight] = {}
+        busy = self._busy = [0] * self.shard_count
         ids = itertools.count(1)
         next_tick = time.monotonic() + self.tick_interval
         self._next_map = time.monotonic() + self.map_interval
         map_asked = 0.0
         draining = False
+        wait = 0.0
 
         while True:
-            # 1. take what has arrived; block only when there is nothing else to do
-            timeout = 0.0
-            if not inflight and not pending and not map_asked:
-                wake = min(next_tick, self._next_map) if self.registrar is not None else next_tick
-                timeout = max(0.0, wake - time.monotonic())
-            try:
-                item = self._queue.get(timeout=timeout) if timeout != 0.0 else self._queue.get_nowait()
-                while True:
-                    if item is None:
-                        draining = True
-                    else:
-                        pending[item[0]].append((item[1], item[2]))
-                    item = self._queue.get_nowait()
-            except queue.Empty:
-                pass
+            # 1. take what has arrived (blocking only when there is nothing at all to do)
+            draining = self._take(pending, wait) or draining
 
             # 2. a cheap periodic tick lets idle shards fire overdue timers
             now = time.monotonic()
             if self.registrar is not None and now >= self._next_map and not draining:
                 self._next_map = now + self.map_interval
                 if not map_asked or now - map_asked > 5.0:
-                    ctx.tell(self.registrar, ShardMapRequest())
+                    link.send(self.registrar, ShardMapRequest())
                     map_asked = now
             if now >= next_tick and not draining:
                 next_tick = now + self.tick_interval
@@ -171,8 +242,8 @@ class ActorBridge:
                         continue
                     if busy[shard] == 0 and shard not in pending:
                         batch_id = next(ids)
-                        ctx.tell(self.addresses[shard], ShardBatch(batch_id, encode_batch([])))
-                        inflight[batch_id] = (shard, [], now)
+                        sent = link.send(self.addresses[shard], ShardBatch(batch_id, encode_batch([])))
+                        inflight[batch_id] = (shard, [], now, sent)
                         busy[shard] += 1
 
             # 3. send one batch per shard with room
@@ -190,9 +261,8 @@ class ActorBridge:
                     continue
                 batch_id = next(ids)
                 payload = encode_batch([cmd for cmd, _ in batch])
-                ctx.tell(self.addresses[shard], ShardBatch(batch_id, payload))
-                log.debug("sent batch %d of %d to shard %d", batch_id, len(batch), shard)
-                inflight[batch_id] = (shard, batch, now)
+                sent = link.send(self.addresses[shard], ShardBatch(batch_id, payload))
+                inflight[batch_id] = (shard, batch, now, sent)
                 busy[shard] += 1
                 self.stats.batches += 1
                 self.stats.commands += len(batch)
@@ -202,25 +272,52 @@ class ActorBridge:
             if draining and not inflight and not pending:
                 return
 
-            # 4. wait briefly for replies
-            if inflight or map_asked:
-                msg = ctx.listen(0.002)
-                if msg is not None:
-                    log.debug("got %s", type(msg).__name__)
-                if isinstance(msg, ShardBatchResult):
-                    entry = inflight.pop(msg.batch_id, None)
-                    if entry is not None:
-                        busy[entry[0]] -= 1
-                        if entry[1]:
-                            self._resolve(entry[1], decode_replies(msg.payload))
-                elif isinstance(msg, ShardMap):
-                    map_asked = 0.0
-                    self._on_map(msg, inflight, busy)
-                elif msg is not None:
-                    self._on_other(msg, inflight, busy)
-                self._expire(inflight, busy)
+            # 4. wait for a reply, a wake-up from `call`, or the next deadline. Sleeping in
+            # the transport (not polling it) is what keeps this thread off the GIL.
+            if not inflight and not map_asked:
+                # nothing to receive: block on the queue itself until work or the next tick
+                wake = min(next_tick, self._next_map) if self.registrar is not None else next_tick
+                wait = 0.0 if pending else max(0.001, wake - time.monotonic())
+                continue
+            wait = 0.0
+            self._sleeping = True  # before the last look at the queue: see `call`
+            draining = self._take(pending, 0.0) or draining
+            if any(busy[shard] < self.max_inflight for shard in pending):
+                self._sleeping = False
+                continue
+            msg = link.receive(min(_MAX_SLEEP, max(0.0, next_tick - time.monotonic())))
+            self._sleeping = False
+            if msg is _WOKEN:
+                self._wake_sent = False
+            elif isinstance(msg, ShardBatchResult):
+                entry = inflight.pop(msg.batch_id, None)
+                if entry is not None:
+                    busy[entry[0]] -= 1
+                    if entry[1]:
+                        self._resolve(entry[1], decode_replies(msg.payload))
+            elif isinstance(msg, ShardMap):
+                map_asked = 0.0
+                self._on_map(msg, inflight, busy)
+            elif msg is not None:
+                self._on_other(msg, inflight, busy)
+            self._expire(inflight, busy)
 
-    def _on_map(self, msg: ShardMap, inflight: dict[int, tuple[int, list[_Item], float]], busy: list[int]) -> None:
+    def _take(self, pending: dict[int, list[_Item]], wait: float) -> bool:
+        """Move queued calls into `pending` (waiting up to `wait` for the first); True if asked to stop."""
+        draining = False
+        try:
+            item = self._queue.get(timeout=wait) if wait else self._queue.get_nowait()
+            while True:
+                if item is None:
+                    draining = True
+                else:
+                    pending[item[0]].append((item[1], item[2]))
+                item = self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        return draining
+
+    def _on_map(self, msg: ShardMap, inflight: dict[int, _Inflight], busy: list[int]) -> None:
         """A shard that moved: its batches in flight to the old address fail `unavailable`."""
         if msg.shard_count != self.shard_count:
             log.error("shard map with %d shards ignored (this gateway routes over %d)",
@@ -232,13 +329,13 @@ class ActorBridge:
             log.warning("shard %d moved", shard)
             self.addresses[shard] = address
             self.map_updates += 1
-            for batch_id, (s, items, _) in list(inflight.items()):
+            for batch_id, (s, items, _, _) in list(inflight.items()):
                 if s == shard:
                     del inflight[batch_id]
                     busy[shard] -= 1
                     self._fail(items, f"shard {shard} moved; retry")
 
-    def _on_other(self, msg: Any, inflight: dict[int, tuple[int, list[_Item], float]], busy: list[int]) -> None:
+    def _on_other(self, msg: Any, inflight: dict[int, _Inflight], busy: list[int]) -> None:
         """A PoisonMessage means the shard failed on our batch: fail its callers."""
         poisoned = getattr(msg, "poisonMessage", None)
         if isinstance(poisoned, ShardBatch):
@@ -250,10 +347,16 @@ class ActorBridge:
         else:
             log.warning("bridge ignored %r", msg)
 
-    def _expire(self, inflight: dict[int, tuple[int, list[_Item], float]], busy: list[int]) -> None:
+    def _expire(self, inflight: dict[int, _Inflight], busy: list[int]) -> None:
         now = time.monotonic()
-        for batch_id, (shard, items, sent) in list(inflight.items()):
-            if now - sent > self.reply_timeout:
+        for batch_id, (shard, items, sent, tracker) in list(inflight.items()):
+            if tracker is not None and tracker.failed:
+                del inflight[batch_id]
+                busy[shard] -= 1
+                log.warning("batch %d could not be sent to shard %d: %s", batch_id, shard, tracker.failure)
+                self._fail(items, f"shard {shard} is unreachable; retry")
+                self._next_map = 0.0
+            elif now - sent > self.reply_timeout:
                 del inflight[batch_id]
                 busy[shard] -= 1
                 self.stats.timeouts += 1
