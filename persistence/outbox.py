@@ -174,15 +174,19 @@ def reservation_expired(headers: Iterable[asyncpg.Record], lines: Iterable[async
     ]
 
 
-_INSERT = """
+INSERT = """
 INSERT INTO outbox (event_id, event_name, organization_id, payload)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[])
 """
 
 
-async def insert(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) -> None:
-    cols: list[list[str]] = [[], [], [], []]
+def columns(rows: Sequence[OutboxRow]) -> list[list[object]]:
+    cols: list[list[object]] = [[], [], [], []]
     for row in rows:
         for i in range(4):
             cols[i].append(row[i])
-    await conn.execute(_INSERT, *cols)
+    return cols
+
+
+async def insert(conn: asyncpg.Connection, rows: Sequence[OutboxRow]) -> None:
+    await conn.execute(INSERT, *columns(rows))

@@ -12,6 +12,8 @@ hot stock near the cost of the gRPC call itself.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -404,54 +406,98 @@ class ShardStore:
         return {(r[0], r[1]): bytes(r[2]) for r in rows}
 
     async def commit(self, w: BatchWrite) -> None:
-        """Write the whole batch in one transaction, or nothing (raises)."""
+        """Write the whole batch atomically, or nothing (raises StaleVersion if another writer exists).
+
+        One statement (one round trip, its own transaction) in the common case. A batch that
+        expires the last open line of a reservation also needs the reservation's lines for
+        the `reservation.expired` event: then a transaction holds both statements.
+        """
         conn = self._c()
-        headers: list[asyncpg.Record] = []
-        async with conn.transaction():
-            if w.new_stocks:
-                rows = [(s.organization_id, s.variant_id, s.warehouse_id, stock_id(s.key),
-                         shard_hash(s.organization_id, s.variant_id), s.on_hand, s.reserved, s.in_transit,
-                         s.min_stock, s.max_stock, s.reorder_point, s.status, s.version) for s in w.new_stocks]
-                done = _count(await conn.execute(_INSERT_STOCKS, *_columns(rows, 13)))
-                if done != len(rows):
-                    raise StaleVersion(f"{len(rows) - done} new stock(s) already exist")
-            if w.changed_stocks:
-                rows = [(s.organization_id, s.variant_id, s.warehouse_id, s.on_hand, s.reserved, s.in_transit,
-                         s.min_stock, s.max_stock, s.reorder_point, s.status, s.version, read)
-                        for s, read in w.changed_stocks]
-                done = _count(await conn.execute(_UPDATE_STOCKS, *_columns(rows, 12)))
-                if done != len(rows):
-                    raise StaleVersion(f"{len(rows) - done} stock(s) changed under this shard")
-            if w.movements:
-                rows = [(k[0], k[1], k[2], t, a, b, c, r, ref, src, ver)
-                        for k, t, a, b, c, r, ref, src, ver in w.movements]
-                await conn.execute(_INSERT_MOVEMENTS, *_columns(rows, 11), _ts(w.now))
-            if w.new_lines:
-                rows = [(rid, k[0], k[1], k[2], shard_hash(k[0], k[1]), order, q, e, ih, st)
-                        for rid, k, order, q, e, ih, st in w.new_lines.values()]  # type: ignore[misc]
-                await conn.execute(_UPSERT_LINES, *_columns(rows, 10))
-            if w.line_status:
-                rows = [(rid, k[0], k[1], k[2], st) for (rid, k), st in w.line_status.items()]
-                await conn.execute(_UPDATE_LINES, *_columns(rows, 5))
-            if w.deleted_lines:
-                rows = [(rid, k[0], k[1], k[2]) for rid, k in w.deleted_lines]
-                await conn.execute(_DELETE_LINES, *_columns(rows, 4))
-            if w.opened:
-                rows = [(h[0], h[1], h[2], h[3], h[4], h[6], h[5]) for h in w.opened.values()]
-                headers += await conn.fetch(_UPSERT_HEADERS, *_columns(rows, 7))
-            if w.closed:
-                rows = [(rid, c[0], c[1], c[2]) for rid, c in w.closed.items()]
-                headers += await conn.fetch(_CLOSE_HEADERS, *_columns(rows, 4))
-            if headers:
-                expired = [r for r in headers if r["open_lines"] == 0 and r["status"] == "expired"]
+        sql, args = _batch_statement(w)
+        try:
+            if not any(c[2] == "expired" for c in w.closed.values()):
+                await conn.fetchval(sql, *args)
+                return
+            async with conn.transaction():
+                expired = json.loads(await conn.fetchval(sql, *args))
                 if expired:
                     lines = await conn.fetch(_EXPIRED_LINES, [r["organization_id"] for r in expired],
                                              [r["reservation_id"] for r in expired])
-                    w.events.extend(outbox.reservation_expired(expired, lines, w.now))
-            if w.events:
-                await outbox.insert(conn, w.events)
-            if w.replies:
-                await conn.execute(_INSERT_REPLIES, *_columns(w.replies, 3))
+                    await outbox.insert(conn, outbox.reservation_expired(expired, lines, w.now))
+        except asyncpg.exceptions.RaiseError as e:
+            if "inventory stale version" in str(e):
+                raise StaleVersion(str(e)) from e
+            raise
+
+
+def _renumber(sql: str, offset: int) -> str:
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + offset}", sql) if offset else sql
+
+
+def _batch_statement(w: BatchWrite) -> tuple[str, list[object]]:
+    """Every row of the batch in one statement: one data-modifying CTE per table part.
+
+    The parts never touch one row twice (`build_write` coalesces by primary key: a line new
+    in this batch carries its final status, a header opened here its final count), which is
+    what data-modifying CTEs, all seeing one snapshot, require. The guarded parts end with
+    `RETURNING 1` and are counted by `inventory_expect_rows` (migration 003), which raises
+    and so aborts the whole statement when a count falls short. The statement's value is
+    the JSON array of headers this batch expired completely.
+    """
+    ctes: list[str] = []
+    args: list[object] = []
+    checks: list[str] = []
+
+    def part(sql: str, cols: list[list[object]], extra: Sequence[object] = (), expect: int | None = None) -> str:
+        name = f"p{len(ctes)}"
+        text = _renumber(sql.strip(), len(args))
+        args.extend(cols)
+        args.extend(extra)
+        if expect is not None:
+            args.append(expect)
+            checks.append(f"inventory_expect_rows((SELECT count(*) FROM {name}), ${len(args)}::int8, '{name}')")
+            text += " RETURNING 1"
+        ctes.append(f"{name} AS ({text})")
+        return name
+
+    if w.new_stocks:
+        rows = [(s.organization_id, s.variant_id, s.warehouse_id, stock_id(s.key),
+                 shard_hash(s.organization_id, s.variant_id), s.on_hand, s.reserved, s.in_transit,
+                 s.min_stock, s.max_stock, s.reorder_point, s.status, s.version) for s in w.new_stocks]
+        part(_INSERT_STOCKS, _columns(rows, 13), expect=len(rows))
+    if w.changed_stocks:
+        rows = [(s.organization_id, s.variant_id, s.warehouse_id, s.on_hand, s.reserved, s.in_transit,
+                 s.min_stock, s.max_stock, s.reorder_point, s.status, s.version, read)
+                for s, read in w.changed_stocks]
+        part(_UPDATE_STOCKS, _columns(rows, 12), expect=len(rows))
+    if w.movements:
+        rows = [(k[0], k[1], k[2], t, a, b, c, r, ref, src, ver) for k, t, a, b, c, r, ref, src, ver in w.movements]
+        part(_INSERT_MOVEMENTS, _columns(rows, 11), extra=[_ts(w.now)])
+    if w.new_lines:
+        rows = [(rid, k[0], k[1], k[2], shard_hash(k[0], k[1]), order, q, e, ih, st)
+                for rid, k, order, q, e, ih, st in w.new_lines.values()]  # type: ignore[misc]
+        part(_UPSERT_LINES, _columns(rows, 10))
+    if w.line_status:
+        rows = [(rid, k[0], k[1], k[2], st) for (rid, k), st in w.line_status.items()]
+        part(_UPDATE_LINES, _columns(rows, 5))
+    if w.deleted_lines:
+        rows = [(rid, k[0], k[1], k[2]) for rid, k in w.deleted_lines]
+        part(_DELETE_LINES, _columns(rows, 4))
+    if w.opened:
+        rows = [(h[0], h[1], h[2], h[3], h[4], h[6], h[5]) for h in w.opened.values()]
+        part(_UPSERT_HEADERS, _columns(rows, 7))
+    closed = ""
+    if w.closed:
+        rows = [(rid, c[0], c[1], c[2]) for rid, c in w.closed.items()]
+        closed = part(_CLOSE_HEADERS, _columns(rows, 4))
+    if w.events:
+        part(outbox.INSERT, outbox.columns(w.events))
+    if w.replies:
+        part(_INSERT_REPLIES, _columns(w.replies, 3))
+    value = (f"(SELECT coalesce(json_agg(c), '[]')::text FROM {closed} c "
+             "WHERE c.open_lines = 0 AND c.status = 'expired')") if closed else "'[]'::text"
+    guard = f"WHERE ({' + '.join(checks)}) >= 0" if checks else ""
+    return f"WITH {', '.join(ctes)}\nSELECT {value} {guard}", args
 
 
 def encode_reply(reply: object) -> bytes:

@@ -97,9 +97,15 @@ async def test_a_stock_changed_behind_the_shard_fails_the_batch_and_is_reloaded(
         await receive(c, o, v, "w1", 5)
         # Another writer (a partitioned twin) bumps the version: our commit must not land.
         await db.execute("UPDATE stocks SET version = version + 10, on_hand = 3 WHERE organization_id=$1", o)
+        events_before = await db.fetchval("SELECT count(*) FROM outbox WHERE organization_id=$1", o)
         [reply] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())
         assert isinstance(reply, Rejected) and reply.code == "unavailable"
         assert await db.fetchval("SELECT count(*) FROM reservation_lines WHERE organization_id=$1", o) == 0
+        # nothing else of the batch either: its one statement was aborted as a whole
+        assert await db.fetchval("SELECT count(*) FROM reservations WHERE organization_id=$1", o) == 0
+        assert await db.fetchval(
+            "SELECT count(*) FROM movements WHERE organization_id=$1 AND type = 'reserve'", o) == 0
+        assert await db.fetchval("SELECT count(*) FROM outbox WHERE organization_id=$1", o) == events_before
         # The next batch reloads from Postgres and sees the other writer's state.
         [levels] = await c.process([ReadStock(o, v)], time.time())
         assert isinstance(levels, StockLevelsResult) and levels.levels[0].on_hand == 3
