@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def dsn_named(dsn: str, database: str) -> str:
 
 
 def git_commit() -> str:
+    """The commit measured: `git describe --always --dirty`, or BENCH_GIT_COMMIT (a bench run from an export)."""
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        return os.environ["BENCH_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], check=False,
                               capture_output=True, text=True, timeout=10).stdout.strip()
