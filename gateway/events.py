@@ -214,6 +214,8 @@ def parse(body: bytes, accepted: Sequence[str], default_organization_id: str, me
         raise Malformed(f"envelope: {e}") from None
     except msgspec.DecodeError as e:
         raise Malformed(f"not a JSON event envelope: {e}") from None
+    except RecursionError:  # msgspec refuses nesting deeper than the interpreter's recursion limit
+        raise Malformed("not a JSON event envelope: nested too deeply") from None
     if envelope.event not in accepted:
         raise Malformed(f"unknown event {envelope.event[:100]!r} (this queue takes {', '.join(accepted)})")
     try:
@@ -222,10 +224,14 @@ def parse(body: bytes, accepted: Sequence[str], default_organization_id: str, me
         raise Malformed(f"data: {str(e).replace('`$', '`data')}") from None
     except msgspec.DecodeError as e:
         raise Malformed(f"data: not a JSON object: {e}") from None
+    except RecursionError:
+        raise Malformed("data: nested too deeply") from None
     org = envelope.organization_id or data.organization_id or default_organization_id
     if not org.strip():
         raise Malformed("organization_id: must not be blank")
     event_id = envelope.event_id or message_id or ""
+    if "\x00" in event_id:  # (the envelope's event_id is checked by its type; the AMQP message_id is not)
+        raise Malformed("message_id: must not contain NUL")
     return Incoming(envelope.event, data, org, event_id[:flows.MAX_ID_LENGTH], body)
 
 
@@ -642,8 +648,16 @@ class EventConsumers:
         attempts = _int_header(message, ATTEMPTS_HEADER)
         try:
             msg = parse(message.body, spec.routing_keys, self.settings.default_organization_id, message.message_id)
+            if message.routing_key not in (msg.event, names.queue):  # the queue's name: a retry coming back
+                raise Malformed(f"routing key {(message.routing_key or '')[:100]!r} does not match event "
+                                f"{msg.event!r}")
         except Malformed as e:
             await self._dead_letter(names, message, f"malformed: {e}", attempts, kind="malformed")
+            return
+        except Exception as e:  # never requeue what cannot even be parsed: it would come back forever
+            log.exception("consumers: a message from %s could not be parsed", names.queue)
+            await self._dead_letter(names, message, f"malformed: unparseable ({type(e).__name__})", attempts,
+                                    kind="malformed")
             return
 
         async def work() -> None:

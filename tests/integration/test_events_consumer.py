@@ -213,7 +213,37 @@ def test_malformed_messages_are_refused_with_a_reason_naming_the_field(body: byt
     assert reason in str(e.value)
 
 
+def test_json_nested_deeper_than_the_decoder_goes_is_malformed_not_a_crash() -> None:
+    for body in (b'{"event": "order.placed", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                 b"[" * 1_000_000,
+                 b'{"event": "order.placed", "data": {"order_id": "o", "items": ' + b"[" * 100_000 + b"}}"):
+        with pytest.raises(Malformed, match="nested too deeply|not a JSON|Expected `object`"):
+            parse(body, ORDER_EVENTS, "d")
+
+
+def test_a_message_id_with_nul_is_malformed_when_it_is_the_dedupe_key() -> None:
+    body = json.dumps({"event": "order.confirmed", "data": {"order_id": "o1"}}).encode()
+    with pytest.raises(Malformed, match="message_id: must not contain NUL"):
+        parse(body, ORDER_EVENTS, "d", "a\x00b")
+    with_id = json.dumps({"event": "order.confirmed", "event_id": "e1", "data": {"order_id": "o1"}}).encode()
+    assert parse(with_id, ORDER_EVENTS, "d", "a\x00b").event_id == "e1"
+
+
 # ---------------------------------------------------------------- the consumer on the real broker
+
+
+async def test_a_routing_key_other_than_the_event_is_dead_lettered(rig: Rig) -> None:
+    """A publisher allowed to send order.confirmed (a broker permission by routing key) cannot smuggle in
+    an order.placed; a retry coming back through the queue's own name is still accepted."""
+    await rig.publish(rig.event("order.placed", "smuggled", items=[{"variant_id": "v", "quantity": 1}]),
+                      routing_key="order.confirmed")
+    (dead,) = await rig.dead_letters(1)
+    assert dead.headers["x-inventory-error"] == (
+        "malformed: routing key 'order.confirmed' does not match event 'order.placed'")
+    assert dead.headers["x-inventory-routing-key"] == "order.confirmed"
+    assert rig.handler.handled == []
+    await rig.publish(rig.event("order.confirmed", "fail-1-back"))  # retried once: back with the queue's name
+    await until(lambda: _async(("order.confirmed", "fail-1-back") in rig.handler.done), what="retry handled")
 
 
 async def test_malformed_messages_are_dead_lettered_with_the_reason_and_the_valid_one_behind_them_is_handled(
@@ -238,14 +268,15 @@ async def test_malformed_messages_are_dead_lettered_with_the_reason_and_the_vali
     assert dead[0].body == b"{not json" and dead[0].message_id == "m-1"
     assert all(m.headers["x-inventory-queue"] == rig.names.queue for m in dead)
     await until(lambda: _async(("order.confirmed", "good-5") in rig.handler.done), what="valid message handled")
-    assert [o for _, o in rig.handler.handled] == ["bad-4", "good-5"]  # the malformed never reached the handler
+    assert sorted(o for _, o in rig.handler.handled) == ["bad-4", "good-5"]  # the malformed never reached it
     assert await rig.queue_depth(rig.names.queue) == 0 and await rig.queue_depth(rig.names.retry_queue) == 0
-    assert rig.consumers.stats.dead_lettered == 5
+    await until(lambda: _async(rig.consumers.stats.dead_lettered == 5), what="5 counted")  # after the ack
 
 
 async def test_a_transient_failure_is_retried_with_backoff_and_then_handled_once(rig: Rig) -> None:
     await rig.publish(rig.event("order.confirmed", "fail-2-a"), message_id=str(uuid.uuid4()))
     await until(lambda: _async(("order.confirmed", "fail-2-a") in rig.handler.done), what="handled at last")
+    await until(lambda: _async(rig.consumers.stats.acked == 1), what="acked")  # counted after the ack
     assert rig.handler.handled.count(("order.confirmed", "fail-2-a")) == 3
     assert rig.consumers.stats.retried == 2 and rig.consumers.stats.acked == 1
     assert rig.consumers.stats.dead_lettered == 0
