@@ -83,17 +83,17 @@ class BatchWrite:
 def build_write(
     now: float,
     events: Sequence[tuple[StockKey, Event]],
-    before: dict[StockKey, StockState | None],
+    before: dict[StockKey, int | None],
     after: dict[StockKey, StockState],
     replies: Iterable[tuple[str, str, bytes]] = (),
 ) -> BatchWrite:
     """Turn a batch's events into rows.
 
-    `before` maps each touched key to its committed state (None: created in this batch),
+    `before` maps each touched key to its committed version (None: created in this batch),
     `after` to its state once every event of the batch is applied.
     """
     w = BatchWrite(now=now, replies=list(replies))
-    version = {k: (s.version if s else 0) for k, s in before.items()}
+    version = {k: (v or 0) for k, v in before.items()}
     for key, event in events:
         if isinstance(event, ThresholdCrossed):
             w.events.append(outbox.threshold(key, event, after[key], now))
@@ -102,13 +102,13 @@ def build_write(
             w.events.append(outbox.notification(key, event, now))
             continue
         version[key] += 1
-        _record(w, key, event, version[key], before.get(key))
+        _record(w, key, event, version[key])
     for key, state in after.items():
-        old = before.get(key)
-        if old is None:
+        read = before.get(key)
+        if read is None:
             w.new_stocks.append(state)
-        elif state.version != old.version:
-            w.changed_stocks.append((state, old.version))
+        elif state.version != read:
+            w.changed_stocks.append((state, read))
         else:
             continue
         w.events.append(outbox.stock_updated(key, state, now))
@@ -117,7 +117,7 @@ def build_write(
     return w
 
 
-def _record(w: BatchWrite, key: StockKey, event: Event, version: int, old: StockState | None) -> None:
+def _record(w: BatchWrite, key: StockKey, event: Event, version: int) -> None:
     mv = w.movements
     if isinstance(event, StockReserved):
         rid = event.reservation_id
