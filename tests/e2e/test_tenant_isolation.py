@@ -2,16 +2,41 @@
 order, reservation and transfer ids, even warehouses of the same names), can neither see nor touch
 A's stock through any RPC. A's rows in Postgres are compared before and after.
 
-catalog.variant.deleted (the delete validation) is event-driven and not covered here.
+The delete validation (catalog.variant.deleted: archive the variant's stocks, or refuse with
+inventory.stock.validation_failed while any holds stock) is event-driven: it runs on a service of its
+own with RabbitMQ (own database inv_sec2_tenant, own exchange/queue prefix). B deleting A's variants
+neither archives A's stocks nor is refused because of A's stock, and A's validation counts A's stock
+only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import aio_pika
+import asyncpg
 import grpc
+import pytest
+from conftest import (
+    TEST_DATABASE_URL,
+    Service,
+    Shop,
+    clients_for,
+    database_url_named,
+    drop_database,
+    ensure_database,
+    eventually,
+    free_port,
+    running,
+)
 
+from actors.keys import stock_id
+from gateway import amqp
 from gateway.pb import inventory_pb2 as pb
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -132,3 +157,140 @@ async def test_another_organization_can_neither_see_nor_touch_a_stock(shop, shop
     assert {(w.warehouse_id, w.active) for w in a_warehouses.warehouses} == {(w1, True), (w2, True)}
     await a.release(reserved.reservation_id)
     assert (await a.level(variant, w1)).reserved == 2
+
+
+# ---------------------------------------------------------------- the delete validation, through catalog events
+
+EVENTS_DATABASE_URL = database_url_named(TEST_DATABASE_URL, "inv_sec2_tenant")
+
+
+@dataclass
+class EventsService(Service):
+    """`inventory serve` consuming the catalog's events from the machine's RabbitMQ, on a prefix of its own."""
+
+    prefix: str = field(default_factory=lambda: f"tenant-{uuid.uuid4().hex[:10]}.")
+
+    def env(self) -> dict[str, str]:
+        return dict(super().env(), INVENTORY_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/",
+                    INVENTORY_AMQP_PREFIX=self.prefix, INVENTORY_RELAY_POLL_SECONDS="0.02")
+
+
+@dataclass
+class Catalog:
+    """The Catalog's side of the broker: publishes its events; knows when the service handled one."""
+
+    service: EventsService
+    channel: aio_pika.abc.AbstractChannel
+    db: asyncpg.Pool
+
+    async def publish(self, org: str, event: str, **data: Any) -> None:
+        event_id = str(uuid.uuid4())
+        exchange = await self.channel.get_exchange(self.service.prefix + amqp.CATALOG.exchange)
+        await exchange.publish(aio_pika.Message(json.dumps(
+            {"event": event, "event_id": event_id, "organization_id": org, "data": data}).encode(),
+            content_type="application/json"), routing_key=event)
+
+        async def handled() -> bool:
+            return await self.db.fetchval("SELECT status FROM inbox WHERE message_key = $1",
+                                          f"{event}:{event_id}") == "done"
+
+        await eventually(handled, timeout=20, what=f"{event} for {org} handled")
+
+    async def answers(self, org: str) -> list[tuple[str, dict[str, Any]]]:
+        """The catalog lifecycle answers written for `org`, in order."""
+        rows = await self.db.fetch(
+            "SELECT event_name, payload::text FROM outbox WHERE organization_id = $1 AND event_name IN"
+            " ('inventory.stock.archived', 'inventory.stock.validation_failed', 'inventory.stock.initialized')"
+            " ORDER BY id", org)
+        return [(r[0], json.loads(r[1])["data"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+async def catalog(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Catalog]:
+    await drop_database(EVENTS_DATABASE_URL)
+    await ensure_database(EVENTS_DATABASE_URL)
+    svc = EventsService(EVENTS_DATABASE_URL, tmp_path_factory.mktemp("tenant-events"),
+                        grpc_port=free_port(range(50700, 50800)), actor_port=free_port(range(20400, 20500)))
+    connection = await aio_pika.connect_robust("amqp://guest:guest@127.0.0.1:5672/")
+    try:
+        async with running(svc):
+            channel = await connection.channel(publisher_confirms=True)
+            queue = svc.prefix + amqp.CATALOG.queue
+
+            async def consumed() -> bool:
+                probe = await connection.channel()
+                with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
+                    declared = await probe.declare_queue(queue, passive=True)
+                    await probe.close()
+                    return bool(declared.declaration_result.consumer_count)
+                return False
+
+            await eventually(consumed, timeout=30, interval=0.1, what="the catalog consumer")
+            pool = await asyncpg.create_pool(EVENTS_DATABASE_URL, min_size=1, max_size=2)
+            try:
+                yield Catalog(svc, channel, pool)
+            finally:
+                await pool.close()
+    finally:
+        channel = await connection.channel()
+        names = amqp.Names.of(amqp.CATALOG, svc.prefix)
+        for q in (names.queue, names.retry_queue, names.dead_letter_queue):
+            await channel.queue_delete(q)
+        for x in (names.exchange, names.dead_letter_exchange, svc.prefix + amqp.INVENTORY_EXCHANGE):
+            await channel.exchange_delete(x)
+        await connection.close()
+        await drop_database(EVENTS_DATABASE_URL)
+
+
+async def test_another_organization_cannot_delete_validate_or_archive_a_stock_through_catalog_events(catalog):
+    org_a, org_b = f"a-{uuid.uuid4()}", f"b-{uuid.uuid4()}"
+    held, empty, theirs, both = "v-held", "v-empty", "v-theirs", "v-both"  # variant ids both organizations use
+    async with grpc.aio.insecure_channel(catalog.service.target) as channel:
+        clients = clients_for(channel)
+        a, b = Shop(org_a, clients.inventory, clients.admin), Shop(org_b, clients.inventory, clients.admin)
+        # A holds `held` (10 on hand, 3 reserved) and `both` (10); `empty` and `theirs` are created at 0.
+        await a.receive(held, "w1", 10)
+        await a.reserve("order-1", (held, 3, "w1"))
+        await a.receive(both, "w1", 10)
+        await catalog.publish(org_a, "catalog.variant.created", variant_id=empty, track_inventory=True)
+        await catalog.publish(org_a, "catalog.variant.created", variant_id=theirs, track_inventory=True)
+        # B, with a warehouse of the same id: `held` at 0 (created by its Catalog), `theirs` 7, `both` 5.
+        await b.warehouse("w1")
+        await catalog.publish(org_b, "catalog.variant.created", variant_id=held, track_inventory=True)
+        await b.receive(theirs, "w1", 7)
+        await b.receive(both, "w1", 5)
+        a_before, b_before = await snapshot(catalog.db, org_a), await snapshot(catalog.db, org_b)
+        assert len(a_before["stocks"]) == 4 and len(b_before["stocks"]) == 3
+
+        # ---- B deletes `held`: its own zero stock is archived; A's 10 neither refuse it nor get archived.
+        await catalog.publish(org_b, "catalog.variant.deleted", variant_id=held)
+        # ---- B deletes `empty`, a variant only A has: nothing of A's is archived.
+        await catalog.publish(org_b, "catalog.variant.deleted", variant_id=empty)
+        assert await catalog.answers(org_b) == [
+            ("inventory.stock.initialized", {"variant_id": held, "status": "success", "warehouses": [
+                {"warehouse_id": "w1", "stock_id": stock_id((org_b, held, "w1")), "initial_quantity": 0}]}),
+            ("inventory.stock.archived", {"variant_id": held, "warehouses": [
+                {"warehouse_id": "w1", "stock_id": stock_id((org_b, held, "w1"))}]}),
+            ("inventory.stock.archived", {"variant_id": empty, "warehouses": []}),
+        ]
+        assert await snapshot(catalog.db, org_a) == a_before  # byte for byte
+        assert (await a.level(empty, "w1")).status != "archived"
+        assert (await a.reserve("order-2", (held, 1, "w1"))).success  # A's stock still serves reservations
+
+        # ---- A deletes `theirs`: A's zero stock is archived, B's 7 neither refuse it nor get archived.
+        b_before = await snapshot(catalog.db, org_b)
+        await catalog.publish(org_a, "catalog.variant.deleted", variant_id=theirs)
+        # ---- A deletes `both`: refused on A's 10 alone (B's 5 are not counted, not listed).
+        await catalog.publish(org_a, "catalog.variant.deleted", variant_id=both)
+        answers = [x for x in await catalog.answers(org_a) if x[0] != "inventory.stock.initialized"]
+        assert answers == [
+            ("inventory.stock.archived", {"variant_id": theirs, "warehouses": [
+                {"warehouse_id": "w1", "stock_id": stock_id((org_a, theirs, "w1"))}]}),
+            ("inventory.stock.validation_failed", {
+                "variant_id": both, "reason": "stock_not_zero",
+                "details": {"total_stock": 10, "warehouses_affected": [{"warehouse_id": "w1", "quantity": 10}]},
+                "action_required": "Clear all stock before deleting variant"}),
+        ]
+        assert await snapshot(catalog.db, org_b) == b_before
+        assert (await b.level(theirs, "w1")).on_hand == 7
+        assert (await b.reserve("order-1", (theirs, 7, "w1"))).success
