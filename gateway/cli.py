@@ -6,6 +6,7 @@
     inventory migrate    apply the SQL migrations
     inventory reconcile  compare every stock with its ledger and open lines; exit 1 on drift
     inventory call METHOD JSON   call one RPC of a running service, JSON in and out
+                                 (--tls-ca/--tls-cert/--tls-key: over TLS or mutual TLS)
 
 With INVENTORY_DATABASE_URL unset, `serve` and `migrate` run an embedded Postgres kept
 under INVENTORY_DATA_DIR (default ./.data), so the service runs on a machine with no
@@ -23,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.config import ConfigError, Settings
 from gateway.logs import configure
@@ -153,8 +156,46 @@ def _stop_launcher(launcher: subprocess.Popen[bytes] | None, admin_port: int) ->
         log.warning("could not shut the actor system down: %s", e)
 
 
-def cmd_call(target: str, method: str, body: str, timeout: float) -> int:
-    """Call any InventoryService / InventoryAdminService method with a JSON request."""
+@dataclass(frozen=True)
+class CallTls:
+    """How `inventory call` speaks TLS: off unless `enabled`; `ca` None: the system's roots."""
+
+    enabled: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str = ""
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> CallTls:
+        """From --tls/--tls-ca/--tls-cert/--tls-key/--tls-server-name, each defaulting to its
+        INVENTORY_CALL_TLS_* variable (raises ConfigError for a half client certificate or a missing file)."""
+        paths = {name: Path(value) if value else None for name, value in (
+            ("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))}
+        if (paths["cert"] is None) != (paths["key"] is None):
+            raise ConfigError("--tls-cert and --tls-key (INVENTORY_CALL_TLS_CERT/KEY) must be given together")
+        for name, path in paths.items():
+            if path is not None and not path.is_file():
+                raise ConfigError(f"--tls-{name}: no such file {str(path)!r}")
+        enabled = bool(args.tls or any(paths.values()) or args.tls_server_name)
+        return cls(enabled, paths["ca"], paths["cert"], paths["key"], args.tls_server_name or "")
+
+
+def _channel(target: str, tls: CallTls) -> Any:
+    import grpc
+
+    if not tls.enabled:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes() if tls.ca else None,
+        private_key=tls.key.read_bytes() if tls.key else None,
+        certificate_chain=tls.cert.read_bytes() if tls.cert else None)
+    options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def cmd_call(target: str, method: str, body: str, timeout: float, tls: CallTls = CallTls()) -> int:
+    """Call any InventoryService / InventoryAdminService method with a JSON request (TLS if `tls.enabled`)."""
     import grpc
     from google.protobuf import json_format
 
@@ -171,7 +212,7 @@ def cmd_call(target: str, method: str, body: str, timeout: float) -> int:
     request_cls = getattr(inventory_pb2, m.input_type.name)
     response_cls = getattr(inventory_pb2, m.output_type.name)
     request = json_format.Parse(body or "{}", request_cls())
-    with grpc.insecure_channel(target) as channel:
+    with _channel(target, tls) as channel:
         call = channel.unary_unary(f"/{service.full_name}/{method}",
                                    request_serializer=request_cls.SerializeToString,
                                    response_deserializer=response_cls.FromString)
@@ -229,9 +270,24 @@ def main(argv: list[str] | None = None) -> int:
     call.add_argument("json", nargs="?", default="{}", help="the request as JSON (proto field names)")
     call.add_argument("--target", default=f"127.0.0.1:{os.environ.get('INVENTORY_GRPC_PORT', '50051')}")
     call.add_argument("--timeout", type=float, default=10.0)
+    env = os.environ
+    call.add_argument("--tls", action="store_true", default=env.get("INVENTORY_CALL_TLS", "") in ("1", "true"),
+                      help="speak TLS (implied by the options below); without --tls-ca: the system's CA roots")
+    call.add_argument("--tls-ca", default=env.get("INVENTORY_CALL_TLS_CA"),
+                      help="PEM CA bundle that signed the server's certificate")
+    call.add_argument("--tls-cert", default=env.get("INVENTORY_CALL_TLS_CERT"),
+                      help="PEM client certificate chain, for a server requiring mutual TLS")
+    call.add_argument("--tls-key", default=env.get("INVENTORY_CALL_TLS_KEY"), help="PEM key of --tls-cert")
+    call.add_argument("--tls-server-name", default=env.get("INVENTORY_CALL_TLS_SERVER_NAME"),
+                      help="the name to verify in the server's certificate when it differs from the target's host")
     args = parser.parse_args(argv)
     if args.command == "call":
-        return cmd_call(args.target, args.method, args.json, args.timeout)
+        try:
+            tls = CallTls.of(args)
+        except ConfigError as e:
+            print(f"inventory call: {e}", file=sys.stderr)
+            return 2
+        return cmd_call(args.target, args.method, args.json, args.timeout, tls)
     try:
         settings = Settings.from_env()
     except ConfigError as e:
