@@ -2,7 +2,8 @@
 
 The Catalog is another team's service, so the tests run this stand-in on a real port.
 It knows the variants a test gives it, counts every call (retries included), and can be
-told to fail with a status code or to answer slowly, to drive the breaker and degraded mode.
+told to fail with a status code, to answer slowly, or to hang (`hang()`: accept calls and never
+answer them until `resume()`), to drive the deadline, the breaker and degraded mode.
 """
 
 from __future__ import annotations
@@ -49,14 +50,37 @@ class CatalogDouble(cpbg.CatalogServiceServicer):  # type: ignore[misc]
     calls: int = 0  # ValidateVariant attempts received (each retry counts)
     fail_with: grpc.StatusCode | None = None
     delay: float = 0.0
+    in_flight: int = 0  # calls received and not yet answered (or given up by their caller)
+    _answering: asyncio.Event | None = None  # cleared while hanging
 
     def add(self, organization_id: str, variant_id: str, **fields: object) -> None:
         self.variants[(organization_id, variant_id)] = Variant(**fields)  # type: ignore[arg-type]
 
+    def hang(self) -> None:
+        """From now on every call is accepted and never answered, until `resume()` (or its caller's deadline:
+        grpc cancels the handler then)."""
+        if self._answering is None:
+            self._answering = asyncio.Event()
+        self._answering.clear()
+
+    def resume(self) -> None:
+        if self._answering is not None:
+            self._answering.set()
+
+    async def answering(self) -> None:
+        """Return at once, or, while hanging, when resumed."""
+        if self._answering is not None:
+            await self._answering.wait()
+
     async def _answer(self, context: grpc.aio.ServicerContext) -> None:
         self.calls += 1
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.in_flight += 1
+        try:
+            await self.answering()
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
         if self.fail_with is not None:
             await context.abort(self.fail_with, "catalog double told to fail")
 
@@ -104,10 +128,23 @@ class RunningCatalog:
         self.server = await _serve(self.double, self.port)
 
 
+class _Health(health.aio.HealthServicer):  # type: ignore[misc]
+    """The standard health service, hanging with the double (a hung server answers nothing)."""
+
+    def __init__(self, double: CatalogDouble) -> None:
+        super().__init__()
+        self._double = double
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        await self._double.answering()
+        return await super().Check(request, context)
+
+
 async def _serve(double: CatalogDouble, port: int) -> grpc.aio.Server:
     server = grpc.aio.server()
     cpbg.add_CatalogServiceServicer_to_server(double, server)
-    checker = health.aio.HealthServicer()
+    checker = _Health(double)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if port and bound != port:

@@ -1,0 +1,74 @@
+"""Fault injection: `kill -9` of the whole actor system of a node under a mixed load, then the same
+`inventory actors` command again (what the Procfile's supervisor does). The gateway, a process of its
+own as in the Procfile, is not restarted: it must serve every variant again by itself.
+
+Calls in flight get their committed answer or UNAVAILABLE (never INTERNAL/UNKNOWN, never a client
+deadline: INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS is 2 s, and a call waits at most for the batch in flight
+and its own, 4 s, under the client's 5 s); every OK is in Postgres in the state it answered; the
+invariants hold. A summary line is printed (pytest -s shows it).
+
+Known gap (seen 2026-11-28): the gateway never serves again after the actor system is started anew.
+The bridge keeps asking the *old* registrar's address for the shard map (gateway/bridge.py: `registrar`
+is looked up once at gateway start in gateway/app.py); nothing looks the new registrar up. Everything
+else (the codes, the invariants, durability of every OK) is still checked and must hold; then, only
+for that gap, the test reports xfail with what it saw. Once the gateway recovers, it simply passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from fault_load import Procfile, load, scenario_database, served_again, summary, violations
+
+pytestmark = pytest.mark.timeout(120)
+RECOVERY_LIMIT = 15.0
+ALLOWED = {"OK", "UNAVAILABLE", "FAILED_PRECONDITION"}
+
+
+@pytest.fixture
+async def node(tmp_path) -> AsyncIterator[Procfile]:
+    url = await scenario_database("actor_system")
+    node = Procfile(url, tmp_path, INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS="2")
+    try:
+        await node.start_actors()
+        await node.start_gateway()
+        yield node
+    finally:
+        await node.stop()
+
+
+async def test_kill_9_of_the_whole_actor_system_under_load(node: Procfile):
+    org = f"kill-actors-{uuid.uuid4()}"
+    gateway_pid = node.procs["gateway"].pid
+    async with load(node.target, org) as run:
+        tally = run.tally
+        killed_pids = node.kill("actors")
+        assert len(killed_pids) >= node.shards + 2, f"actor system processes killed: {killed_pids}"
+        killed = time.monotonic()
+        assert node.pids("actors") == []
+        await asyncio.sleep(1)  # calls against a node without actors
+        restart = await node.start_actors()
+        tally.restored = time.monotonic()
+        # Every variant (on every shard) answers again through the same gateway.
+        pending = await served_again(run.admin, org, tally.restored + RECOVERY_LIMIT)
+        recovery = None if pending else time.monotonic() - killed
+        tally.mark("recovered")
+        await asyncio.sleep(3)  # load on the recovered node
+        after = tally.since("recovered")
+    found = await violations(node.database_url, org, tally)
+    summary("kill-9-actor-system", tally, recovery, found, processes_killed=len(killed_pids),
+            actors_restarted_in=f"{restart:.2f} s", after_recovery=after)
+    assert node.procs["gateway"].pid == gateway_pid and node.procs["gateway"].poll() is None
+    assert not tally.forbidden, tally.forbidden[:5]
+    assert set(tally.outcomes) <= ALLOWED, f"{tally.outcomes}: {tally.details}"
+    assert not found, found[:10]
+    if pending:
+        pytest.xfail(f"known gap: variants {sorted(pending)} not served {RECOVERY_LIMIT:.0f} s after `inventory "
+                     f"actors` was started again; the gateway (not restarted) answered {after} since; it asks the "
+                     f"dead registrar's address for the shard map")
+    assert after.get("OK", 0) > 0 and not set(after) - {"OK", "FAILED_PRECONDITION"}, after
+
