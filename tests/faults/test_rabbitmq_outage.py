@@ -1,0 +1,132 @@
+"""Fault injection: RabbitMQ goes away for 10 s under a mixed load and comes back. The service (a real
+`inventory serve` with events on) reaches the broker through a TCP proxy this test owns; cutting the proxy
+is the outage (the machine's RabbitMQ keeps running, and the test's own consumer and publisher talk to it
+directly).
+
+The load is the gRPC mix plus the Order Service's side over the broker: orders placed and shipped with
+`order.placed` / `order.shipped` events (published during the outage too: they wait in the queue).
+gRPC keeps working throughout (no call fails because of the outage); the outbox grows during it; afterwards
+every committed outbox event of the run is published and seen by a consumer bound to the inventory events
+exchange, once per event_id after deduplication (copies, if any, identical and counted), each stock's
+last `inventory.stock.updated` carries its version and quantities, there is one movement event per
+receipt and shipment, and every order sent as events is shipped. Plus the shared invariants.
+A summary line is printed (pytest -s shows it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from conftest import free_port, running
+from fault_load import (
+    AMQP_HOST,
+    AMQP_PORT,
+    AMQP_URL,
+    AUX_PORTS,
+    EventOrders,
+    EventTap,
+    FaultService,
+    delete_topology,
+    drained,
+    event_violations,
+    ledger_event_violations,
+    load,
+    outbox_of,
+    scenario_database,
+    summary,
+    via,
+    violations,
+)
+from tcp_proxy import TcpProxy
+
+from gateway.pb import inventory_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+OUTAGE_SECONDS = 10.0
+DRAIN_LIMIT = 20.0
+
+
+@pytest.fixture
+async def proxied(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProxy, EventTap]]:
+    url = await scenario_database("rabbitmq")
+    proxy = TcpProxy(AMQP_HOST, AMQP_PORT, free_port(AUX_PORTS))
+    await proxy.up()
+    prefix = f"faults-{uuid.uuid4().hex[:8]}."
+    tap = EventTap(prefix)
+    await tap.start()
+    svc = FaultService(url, tmp_path, extra_env={
+        "INVENTORY_AMQP_URL": via(AMQP_URL, AMQP_HOST, AMQP_PORT, proxy.port), "INVENTORY_AMQP_PREFIX": prefix,
+        "INVENTORY_AMQP_RETRY_SECONDS": "0.2", "INVENTORY_AMQP_MAX_ATTEMPTS": "8",
+        "INVENTORY_RELAY_POLL_SECONDS": "0.02"})
+    try:
+        async with running(svc):
+            yield svc, proxy, tap
+    finally:
+        await proxy.down()  # idempotent: also when the test left it down
+        await tap.close()
+        await delete_topology(prefix)
+
+
+async def test_rabbitmq_outage_keeps_grpc_working_and_every_event_is_published_once(proxied):
+    svc, proxy, tap = proxied
+    org = f"rabbitmq-{uuid.uuid4()}"
+    orders = EventOrders(tap.prefix, org)
+    async with load(svc.target, org) as run:
+        tally = run.tally
+        await run.admin.RecordMovement(pb.MovementRequest(
+            organization_id=org, variant_id=EventOrders.VARIANT, warehouse_id="w1", type=pb.MOVEMENT_TYPE_RECEIPT,
+            quantity=10_000), timeout=10)
+        stop_orders = asyncio.Event()
+        ordering = asyncio.create_task(orders.run(stop_orders))
+        try:
+            await asyncio.sleep(2)
+            tally.mark("outage")
+            await proxy.down()
+            await asyncio.sleep(OUTAGE_SECONDS)
+            during = tally.since("outage")
+            backlog = sum(1 for _, sent in (await outbox_of(svc.database_url, org)).values() if not sent)
+            await proxy.up()
+            restored = time.monotonic()
+            recovery = await backlog_published(svc.database_url, org, DRAIN_LIMIT)
+            await asyncio.sleep(2)  # load after the outage
+        finally:
+            stop_orders.set()
+            await ordering
+    drain = await drained(svc.database_url, org, tap, DRAIN_LIMIT)
+    deadline = time.monotonic() + DRAIN_LIMIT
+    while (unshipped := await orders.unshipped(svc.database_url)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    await drained(svc.database_url, org, tap, DRAIN_LIMIT)  # the shipments' own events
+    settled = time.monotonic() - restored
+    found = await violations(svc.database_url, org, tally)
+    event_found, redelivered = await event_violations(svc.database_url, org, tap)
+    found += event_found + await ledger_event_violations(svc.database_url, org, tap)
+    found += [f"order {o} sent as events, not shipped {DRAIN_LIMIT:.0f} s after the outage" for o in unshipped]
+    logs = svc.log_tail(10**6)
+    outbox = await outbox_of(svc.database_url, org)
+    summary("rabbitmq-outage", tally, recovery, found, during_outage=during, outbox_backlog_at_end_of_outage=backlog,
+            drained_after_the_load_in=f"{drain:.2f} s", all_settled_after=f"{settled:.2f} s", events_committed=len(outbox), events_delivered=len(
+                [d for d in tap.deliveries if d[3].get("organization_id") == org]), redeliveries=redelivered,
+            orders_via_events=len(orders.orders), failed_by_the_reservations_order_race=tally.race_failures(logs))
+    assert not tally.forbidden, tally.forbidden[:5]
+    assert tally.service_failures(logs) == {}, f"calls failed during a broker outage: {tally.failures}"
+    assert during.get("OK", 0) > 0, during
+    assert backlog > 0, "the outbox did not grow during the outage: was the broker cut?"
+    assert len(orders.orders) > 0
+    assert not found, found[:10]
+
+
+async def backlog_published(database_url: str, org: str, timeout: float) -> float:
+    """Seconds until every outbox event of `org` unsent now is marked sent (the load goes on meanwhile)."""
+    started = time.monotonic()
+    waiting = {e for e, (_, sent) in (await outbox_of(database_url, org)).items() if not sent}
+    while True:
+        outbox = await outbox_of(database_url, org)
+        if not [e for e in waiting if not outbox[e][1]]:
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout, f"the backlog of the outage is not published in {timeout} s"
+        await asyncio.sleep(0.1)
