@@ -245,8 +245,8 @@ class ShardCore:
 
     def _swap_in(self, working: dict[StockKey, StockState], events: list[tuple[StockKey, Event]]) -> None:
         for key, state in working.items():
-            if state.next_expiry != float("inf") and len(state.lines) < 64:
-                recompute_next_expiry(state)
+            if state.next_expiry != float("inf"):
+                recompute_next_expiry(state)  # a scan of a few lines, or pops off the stock's heap
             self.stocks.setdefault((key[0], key[1]), {})[key[2]] = state
         for key, event in events:
             if isinstance(event, StockReserved):

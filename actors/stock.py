@@ -21,6 +21,7 @@ names (the shard activates them first); a key absent from it has no stock record
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,12 @@ class StockState(msgspec.Struct):
     lines: dict[str, Line] = msgspec.field(default_factory=dict)
     next_expiry: float = NO_EXPIRY
     """A lower bound of the earliest unconfirmed `expires_at`: no line is overdue before it."""
+    expiry_heap: list[tuple[float, str]] | None = None
+    """(expires_at, reservation_id) of the TTL lines, once the stock holds `HEAP_FROM` lines.
+
+    A hot stock in a flash sale holds hundreds of thousands of open lines and some expire
+    in every batch: finding them, and the next bound, must not scan them all. Entries of
+    lines since closed or confirmed are dropped lazily when they reach the top."""
 
     @property
     def key(self) -> StockKey:
@@ -119,7 +126,8 @@ class StockState(msgspec.Struct):
         return self.status in USABLE_STATUSES and self.warehouse_active
 
     def copy(self) -> StockState:
-        return msgspec.structs.replace(self, lines=dict(self.lines))
+        heap = None if self.expiry_heap is None else list(self.expiry_heap)
+        return msgspec.structs.replace(self, lines=dict(self.lines), expiry_heap=heap)
 
 
 class PriorReservation(msgspec.Struct, frozen=True, gc=False):
@@ -150,6 +158,10 @@ def apply(state: StockState, event: Event) -> None:
         )
         state.reserved += event.quantity
         state.next_expiry = min(state.next_expiry, event.expires_at)
+        if state.expiry_heap is not None:
+            heapq.heappush(state.expiry_heap, (event.expires_at, event.reservation_id))
+        elif len(state.lines) >= HEAP_FROM:
+            _build_heap(state)
     elif isinstance(event, (ReservationReleased, ReservationExpired, ReservationAborted)):
         state.lines.pop(event.reservation_id, None)
         state.reserved -= event.quantity
@@ -195,11 +207,61 @@ def replay(initial: StockState, events: Iterable[Event]) -> StockState:
     return state
 
 
+HEAP_FROM = 64
+"""Below this many lines a stock scans them; from it on it keeps an `expiry_heap`."""
+
+
+def _build_heap(state: StockState) -> None:
+    state.expiry_heap = [(ln.expires_at, ln.reservation_id) for ln in state.lines.values() if not ln.confirmed]
+    heapq.heapify(state.expiry_heap)
+
+
+def _live(state: StockState, entry: tuple[float, str]) -> Line | None:
+    line = state.lines.get(entry[1])
+    if line is None or line.confirmed or line.expires_at != entry[0]:
+        return None
+    return line
+
+
+def overdue_lines(state: StockState, now: float) -> list[Line]:
+    """The unconfirmed lines with `expires_at <= now`, oldest first; never mutates `state`.
+
+    With a heap, only the entries at or below `now` are visited (a walk of the heap's tree
+    that prunes every subtree whose root is later), so the cost follows what is overdue.
+    """
+    if now < state.next_expiry:
+        return []
+    heap = state.expiry_heap
+    if heap is None:
+        found = [ln for ln in state.lines.values() if not ln.confirmed and ln.expires_at <= now]
+    else:
+        seen: dict[str, Line] = {}
+        stack = [0]
+        while stack:
+            i = stack.pop()
+            if i >= len(heap) or heap[i][0] > now:
+                continue
+            line = _live(state, heap[i])
+            if line is not None:
+                seen[line.reservation_id] = line
+            stack.extend((2 * i + 1, 2 * i + 2))
+        found = list(seen.values())
+    return sorted(found, key=lambda x: (x.expires_at, x.reservation_id))
+
+
 def recompute_next_expiry(state: StockState) -> None:
     """Tighten the lower bound after lines were removed (optional; the bound stays safe)."""
-    state.next_expiry = min(
-        (line.expires_at for line in state.lines.values() if not line.confirmed), default=NO_EXPIRY
-    )
+    if state.expiry_heap is None and len(state.lines) >= HEAP_FROM:
+        _build_heap(state)  # activated from Postgres with many lines
+    heap = state.expiry_heap
+    if heap is None:
+        state.next_expiry = min(
+            (line.expires_at for line in state.lines.values() if not line.confirmed), default=NO_EXPIRY
+        )
+        return
+    while heap and _live(state, heap[0]) is None:
+        heapq.heappop(heap)
+    state.next_expiry = heap[0][0] if heap else NO_EXPIRY
 
 
 def level(state: StockState) -> StockLevel:
@@ -285,13 +347,12 @@ class _Work:
         if state is None or key in self.touched:
             return state
         self.touched[key] = None
-        if self.now >= state.next_expiry:
-            overdue = [ln for ln in state.lines.values() if not ln.confirmed and ln.expires_at <= self.now]
-            for ln in sorted(overdue, key=lambda x: (x.expires_at, x.reservation_id)):
-                self.emit(key, ReservationExpired(ln.reservation_id, ln.order_id, ln.quantity, ln.expires_at))
-                self.expired_now.add(ln.reservation_id)
-            if overdue:
-                self.after_expiry[key] = self.available(key)
+        overdue = overdue_lines(state, self.now)
+        for ln in overdue:
+            self.emit(key, ReservationExpired(ln.reservation_id, ln.order_id, ln.quantity, ln.expires_at))
+            self.expired_now.add(ln.reservation_id)
+        if overdue:
+            self.after_expiry[key] = self.available(key)
         return state
 
     def emit(self, key: StockKey, event: Event) -> None:
