@@ -177,6 +177,8 @@ class ActorBridge:
         return await fut
 
     async def call_many(self, calls: Sequence[tuple[int, Command]]) -> list[Reply]:
+        if len(calls) == 1:  # the common case: no task per call
+            return [await self.call(*calls[0])]
         return list(await asyncio.gather(*(self.call(s, c) for s, c in calls)))
 
     async def stop(self) -> None:
