@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -51,6 +53,7 @@ class Gateway:
     events: EventIntegration | None = None
     reconciler: asyncio.Task[None] | None = None
     sweeper: asyncio.Task[None] | None = None
+    registrar_watch: asyncio.Task[None] | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -61,7 +64,7 @@ class Gateway:
         if self.ops is not None:
             await self.ops.monitor.stop()  # /readyz 503 and health never SERVING again
         await self.set_serving(False)
-        for job in (self.reconciler, self.sweeper):
+        for job in (self.reconciler, self.sweeper, self.registrar_watch):
             if job is not None:
                 job.cancel()
                 await asyncio.gather(job, return_exceptions=True)
@@ -148,8 +151,26 @@ async def start_gateway(settings: Settings) -> Gateway:
     if settings.sweep_interval_seconds > 0:
         sweeper = OverdueSweeper(settings.database_url, bridge, settings.sweep_interval_seconds, metrics)
         gw.sweeper = asyncio.create_task(sweeper.run(), name="overdue-sweep")
+    gw.registrar_watch = asyncio.create_task(watch_registrar(asys, bridge), name="registrar-watch")
     log.info("gateway serving gRPC on port %d with %d shards", port, bridge.shard_count)
     return gw
+
+
+async def watch_registrar(asys: Any, bridge: ActorBridge, silence: float = 4.0) -> None:
+    """Find the registrar again when it stops answering (its actor system was killed and started
+    anew on the same admin port: every actor, the registrar included, has a new address). The
+    bridge asks it for the shard map every second; after `silence` seconds without an answer the
+    address is looked up again by its global name, off the event loop, one lookup at a time."""
+    while True:
+        await asyncio.sleep(1.0)
+        if time.monotonic() - bridge.map_answered_at < silence:
+            continue
+        try:
+            found = await asyncio.wait_for(asyncio.to_thread(registrar_address, asys), 30)
+        except Exception as e:  # noqa: BLE001 - the actor system is still down: look again later
+            log.warning("registrar lookup failed: %s", e)
+            continue
+        bridge.use_registrar(found)
 
 
 async def run_gateway(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:

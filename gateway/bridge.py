@@ -134,7 +134,9 @@ class ActorBridge:
         self.registrar = registrar
         self.map_interval = map_interval
         self.map_updates = 0
+        self.map_answered_at = time.monotonic()  # when the registrar last answered (see app.watch_registrar)
         self._next_map = 0.0
+        self._map_asked = 0.0  # when the unanswered map request left (0: none outstanding)
         self.stats = BridgeStats()
         self._queue: queue.SimpleQueue[tuple[int, Command, asyncio.Future[Reply]] | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -222,7 +224,7 @@ class ActorBridge:
         ids = itertools.count(1)
         next_tick = time.monotonic() + self.tick_interval
         self._next_map = time.monotonic() + self.map_interval
-        map_asked = 0.0
+        self._map_asked = 0.0
         draining = False
         wait = 0.0
 
@@ -234,9 +236,9 @@ class ActorBridge:
             now = time.monotonic()
             if self.registrar is not None and now >= self._next_map and not draining:
                 self._next_map = now + self.map_interval
-                if not map_asked or now - map_asked > 5.0:
+                if not self._map_asked or now - self._map_asked > 5.0:
                     link.send(self.registrar, ShardMapRequest())
-                    map_asked = now
+                    self._map_asked = now
             if now >= next_tick and not draining:
                 next_tick = now + self.tick_interval
                 for shard in range(self.shard_count):
@@ -276,7 +278,7 @@ class ActorBridge:
 
             # 4. wait for a reply, a wake-up from `call`, or the next deadline. Sleeping in
             # the transport (not polling it) is what keeps this thread off the GIL.
-            if not inflight and not map_asked:
+            if not inflight and not self._map_asked:
                 # nothing to receive: block on the queue itself until work or the next tick
                 wake = min(next_tick, self._next_map) if self.registrar is not None else next_tick
                 wait = 0.0 if pending else max(0.001, wake - time.monotonic())
@@ -298,11 +300,21 @@ class ActorBridge:
                     if entry[1]:
                         self._resolve(entry[1], decode_replies(msg.payload))
             elif isinstance(msg, ShardMap):
-                map_asked = 0.0
+                self._map_asked = 0.0
+                self.map_answered_at = time.monotonic()
                 self._on_map(msg, inflight, busy)
             elif msg is not None:
                 self._on_other(msg, inflight, busy)
             self._expire(inflight, busy)
+
+    def use_registrar(self, registrar: object) -> None:
+        """A registrar found anew (the actor system was restarted): ask it for the map at once."""
+        if registrar != self.registrar:
+            log.warning("registrar moved: asking the new one for the shard map")
+            self.registrar = registrar
+            self.map_answered_at = time.monotonic()
+            self._map_asked = 0.0
+            self._next_map = 0.0
 
     def _take(self, pending: dict[int, list[_Item]], wait: float) -> bool:
         """Move queued calls into `pending` (waiting up to `wait` for the first); True if asked to stop."""
