@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -106,7 +107,7 @@ class Tally:
         for (_, code, details), n in failures.items():
             if n <= 0:
                 continue
-            if code not in BUSINESS_CODES and not (explained and code == "UNAVAILABLE" and details == COMMIT_FAILED):
+            if code not in BUSINESS_CODES and not (explained and code == "UNAVAILABLE" and after_race(details)):
                 found[code] += n
         return dict(found)
 
@@ -114,12 +115,23 @@ class Tally:
         """Calls failed by the known race of two shards inserting one new cross-shard reservation's header
         (persistence/store.py: the upsert's ON CONFLICT names the primary key, so the other unique index,
         reservations_order, raises): a shard's batch fails and all its calls get UNAVAILABLE "could not be
-        committed". Counted only when every failed batch in the service's log is that race."""
+        committed"; the shard then starts clean (closes its store, so its lock goes and the registrar
+        configures it again) and for about a second its calls get "shard N is moving/moved; retry".
+        Counted only when every failed batch in the service's log is that race; remove this once the
+        race is fixed."""
         failed_batches = [line for line in log_text.splitlines() if "batch failed:" in line]
         if not failed_batches or not all(RACE in line for line in failed_batches):
             return 0
         return sum(n for (_, code, details), n in self.failures.items()
-                   if code == "UNAVAILABLE" and details == COMMIT_FAILED)
+                   if code == "UNAVAILABLE" and after_race(details))
+
+
+_SHARD_MOVING = re.compile(r"shard \d+ (is moving|moved); retry(; shard \d+ (is moving|moved); retry)*")
+
+
+def after_race(details: str) -> bool:
+    """The messages of the calls the known race fails (see Tally.race_failures)."""
+    return details == COMMIT_FAILED or _SHARD_MOVING.fullmatch(details) is not None
 
 
 async def call(tally: Tally, what: str, coro) -> object | None:
@@ -673,3 +685,57 @@ class EventOrders:
         finally:
             await conn.close()
         return [o for o in self.orders if o not in shipped]
+
+
+def events_env(prefix: str, amqp_url: str = AMQP_URL) -> dict[str, str]:
+    """The service's settings for events on, on names of its own (`prefix`), retrying quickly."""
+    return {"INVENTORY_AMQP_URL": amqp_url, "INVENTORY_AMQP_PREFIX": prefix, "INVENTORY_AMQP_RETRY_SECONDS": "0.2",
+            "INVENTORY_AMQP_MAX_ATTEMPTS": "8", "INVENTORY_RELAY_POLL_SECONDS": "0.02"}
+
+
+@contextlib.asynccontextmanager
+async def broker_side(prefix: str) -> AsyncIterator[EventTap]:
+    """The test's consumer of <prefix>inventory_events for the body of the `with`; afterwards the run's
+    exchanges and queues are deleted from the shared broker."""
+    tap = EventTap(prefix)
+    try:
+        await tap.start()
+        yield tap
+    finally:
+        await tap.close()
+        await delete_topology(prefix)
+
+
+@contextlib.asynccontextmanager
+async def ordering(orders: EventOrders, admin: pbg.InventoryAdminServiceStub) -> AsyncIterator[None]:
+    """Orders placed and shipped through events for the body of the `with` (stock for them received first)."""
+    await admin.RecordMovement(pb.MovementRequest(
+        organization_id=orders.org, variant_id=EventOrders.VARIANT, warehouse_id="w1",
+        type=pb.MOVEMENT_TYPE_RECEIPT, quantity=10_000), timeout=10)
+    stop = asyncio.Event()
+    task = asyncio.create_task(orders.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+async def settle_events(database_url: str, org: str, tap: EventTap, orders: EventOrders | None,
+                        timeout: float) -> tuple[list[str], int, float]:
+    """After the load: wait (bounded) until the orders sent as events are shipped and the outbox of `org` is
+    published and seen, then check the events. Returns (violations, redeliveries, seconds it took)."""
+    started = time.monotonic()
+    unshipped: list[str] = []
+    if orders is not None:
+        while (unshipped := await orders.unshipped(database_url)) and time.monotonic() - started < timeout:
+            await asyncio.sleep(0.2)
+    found = [f"order {o} sent as events, not shipped {timeout:.0f} s after the load" for o in unshipped]
+    try:
+        await drained(database_url, org, tap, max(1.0, timeout - (time.monotonic() - started)))
+    except AssertionError as e:
+        found.append(str(e))
+    took = time.monotonic() - started
+    event_found, redelivered = await event_violations(database_url, org, tap)
+    found += event_found + await ledger_event_violations(database_url, org, tap)
+    return found, redelivered, took

@@ -7,11 +7,8 @@ deadline: INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS is 2 s, and a call waits at most
 and its own, 4 s, under the client's 5 s); every OK is in Postgres in the state it answered; the
 invariants hold. A summary line is printed (pytest -s shows it).
 
-Known gap (seen 2026-11-28): the gateway never serves again after the actor system is started anew.
-The bridge keeps asking the *old* registrar's address for the shard map (gateway/bridge.py: `registrar`
-is looked up once at gateway start in gateway/app.py); nothing looks the new registrar up. Everything
-else (the codes, the invariants, durability of every OK) is still checked and must hold; then, only
-for that gap, the test reports xfail with what it saw. Once the gateway recovers, it simply passes.
+The gateway finds the new registrar by itself (commit fcbf792; before it, it kept asking the dead one's
+address for the shard map and never served again: this test showed it).
 """
 
 from __future__ import annotations
@@ -55,20 +52,19 @@ async def test_kill_9_of_the_whole_actor_system_under_load(node: Procfile):
         tally.restored = time.monotonic()
         # Every variant (on every shard) answers again through the same gateway.
         pending = await served_again(run.admin, org, tally.restored + RECOVERY_LIMIT)
-        recovery = None if pending else time.monotonic() - killed
+        assert not pending, (f"variants {sorted(pending)} not served {RECOVERY_LIMIT:.0f} s after `inventory actors` "
+                             f"was started again (the gateway was not restarted)\n{node.log_tail()}")
+        recovery = time.monotonic() - killed
         tally.mark("recovered")
         await asyncio.sleep(3)  # load on the recovered node
         after = tally.since("recovered")
     found = await violations(node.database_url, org, tally)
     summary("kill-9-actor-system", tally, recovery, found, processes_killed=len(killed_pids),
-            actors_restarted_in=f"{restart:.2f} s", after_recovery=after)
+            actors_restarted_in=f"{restart:.2f} s", after_recovery=after,
+            failed_by_the_reservations_order_race=tally.race_failures(node.log_text()))
     assert node.procs["gateway"].pid == gateway_pid and node.procs["gateway"].poll() is None
     assert not tally.forbidden, tally.forbidden[:5]
     assert set(tally.outcomes) <= ALLOWED, f"{tally.outcomes}: {tally.details}"
     assert not found, found[:10]
-    if pending:
-        pytest.xfail(f"known gap: variants {sorted(pending)} not served {RECOVERY_LIMIT:.0f} s after `inventory "
-                     f"actors` was started again; the gateway (not restarted) answered {after} since; it asks the "
-                     f"dead registrar's address for the shard map")
-    assert after.get("OK", 0) > 0 and not set(after) - {"OK", "FAILED_PRECONDITION"}, after
-
+    assert after.get("OK", 0) > 0 and tally.service_failures(node.log_text(), since="recovered") == {}, (
+        after, tally.failures)

@@ -1,10 +1,13 @@
 """Fault injection: `kill -9` of the gateway under a mixed load, with the actor system and the gateway as
 separate processes (the Procfile). A new gateway is started on the same port against the same actor
-system (which keeps running); the load resumes through the same client channel.
+system (which keeps running); the load resumes through the same client channel. Events are on: the
+gateway killed was also the outbox relay and the consumer of orders placed and shipped through events.
 
 Every call acknowledged OK before the kill is durable (in Postgres, in the state it answered); calls
 cut by the kill fail UNAVAILABLE (the connection went away), never INTERNAL/UNKNOWN; the invariants
-hold. A summary line is printed (pytest -s shows it).
+hold; every committed outbox event is published and seen by a consumer once per event_id (copies from
+the relay's kill between confirm and mark are counted), and every order sent as events is shipped.
+A summary line is printed (pytest -s shows it).
 """
 
 from __future__ import annotations
@@ -15,7 +18,20 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from fault_load import Procfile, load, scenario_database, served_again, summary, violations
+from fault_load import (
+    EventOrders,
+    EventTap,
+    Procfile,
+    broker_side,
+    events_env,
+    load,
+    ordering,
+    scenario_database,
+    served_again,
+    settle_events,
+    summary,
+    violations,
+)
 
 pytestmark = pytest.mark.timeout(120)
 RECOVERY_LIMIT = 15.0
@@ -23,21 +39,25 @@ ALLOWED = {"OK", "UNAVAILABLE", "FAILED_PRECONDITION"}
 
 
 @pytest.fixture
-async def node(tmp_path) -> AsyncIterator[Procfile]:
+async def node(tmp_path) -> AsyncIterator[tuple[Procfile, EventTap]]:
     url = await scenario_database("gateway")
-    node = Procfile(url, tmp_path)
-    try:
-        await node.start_actors()
-        await node.start_gateway()
-        yield node
-    finally:
-        await node.stop()
+    prefix = f"faults-{uuid.uuid4().hex[:8]}."
+    async with broker_side(prefix) as tap:
+        node = Procfile(url, tmp_path, **events_env(prefix))
+        try:
+            await node.start_actors()
+            await node.start_gateway()
+            yield node, tap
+        finally:
+            await node.stop()
 
 
-async def test_kill_9_of_the_gateway_under_load(node: Procfile):
+async def test_kill_9_of_the_gateway_under_load(node: tuple[Procfile, EventTap]):
+    node, tap = node
     org = f"kill-gateway-{uuid.uuid4()}"
+    orders = EventOrders(tap.prefix, org)
     actors = sorted(node.pids("actors"))
-    async with load(node.target, org) as run:
+    async with load(node.target, org) as run, ordering(orders, run.admin):
         tally = run.tally
         killed_pids = node.kill("gateway")
         assert len(killed_pids) == 1, killed_pids
@@ -55,11 +75,14 @@ async def test_kill_9_of_the_gateway_under_load(node: Procfile):
         await asyncio.sleep(3)  # the load on the new gateway
         after = tally.since("recovered")
     found = await violations(node.database_url, org, tally)
+    event_found, redelivered, drain = await settle_events(node.database_url, org, tap, orders, RECOVERY_LIMIT)
+    found += event_found
     logs = node.log_text()
     summary("kill-9-gateway", tally, recovery, found, gateway_started_in=f"{started_in:.2f} s",
             while_down=while_down, after_recovery=after,
             acknowledged_before_kill=len(acknowledged[0]) + len(acknowledged[1]),
-            failed_by_the_reservations_order_race=tally.race_failures(logs))
+            events_delivered=len(tap.deliveries), redeliveries=redelivered, orders_via_events=len(orders.orders),
+            events_settled_in=f"{drain:.2f} s", failed_by_the_reservations_order_race=tally.race_failures(logs))
     assert not tally.forbidden, tally.forbidden[:5]
     assert set(tally.outcomes) <= ALLOWED, f"{tally.outcomes}: {tally.details}"
     assert while_down.get("UNAVAILABLE", 0) > 0, while_down  # (an OK here: a reply read just before the kill)
