@@ -3,8 +3,8 @@ ways to run the service (a whole `inventory serve`, or the Procfile's `actors` +
 
 Ports of this directory (conftest's free_port; no other test directory uses them): gRPC 50700-50799,
 Thespian admin 20400-20499, everything else (TCP proxies, the Catalog double, HTTP) 50800-50899.
-The older scenarios (kill-shard, postgres-outage, sigterm) keep theirs (50600-50699, 20300-20399).
-Each scenario has a database of its own, `inv_faults_<scenario>`, dropped and created afresh.
+Each scenario has a database of its own, `inv_faults_<scenario>` (one service per database: shard locks);
+`scenario_database` drops and creates it afresh, so no outbox relay ever sees another run's events.
 """
 
 from __future__ import annotations

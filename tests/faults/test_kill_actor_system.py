@@ -1,6 +1,8 @@
 """Fault injection: `kill -9` of the whole actor system of a node under a mixed load, then the same
 `inventory actors` command again (what the Procfile's supervisor does). The gateway, a process of its
-own as in the Procfile, is not restarted: it must serve every variant again by itself.
+own as in the Procfile, is not restarted: it must serve every variant again by itself. Events are on:
+orders placed and shipped through events meanwhile are retried by the gateway's consumer until the shards
+are back, and every committed outbox event is published and seen once per event_id.
 
 Calls in flight get their committed answer or UNAVAILABLE (never INTERNAL/UNKNOWN, never a client
 deadline: INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS is 2 s, and a call waits at most for the batch in flight
@@ -19,7 +21,20 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from fault_load import Procfile, load, scenario_database, served_again, summary, violations
+from fault_load import (
+    EventOrders,
+    EventTap,
+    Procfile,
+    broker_side,
+    events_env,
+    load,
+    ordering,
+    scenario_database,
+    served_again,
+    settle_events,
+    summary,
+    violations,
+)
 
 pytestmark = pytest.mark.timeout(120)
 RECOVERY_LIMIT = 15.0
@@ -27,21 +42,25 @@ ALLOWED = {"OK", "UNAVAILABLE", "FAILED_PRECONDITION"}
 
 
 @pytest.fixture
-async def node(tmp_path) -> AsyncIterator[Procfile]:
+async def node(tmp_path) -> AsyncIterator[tuple[Procfile, EventTap]]:
     url = await scenario_database("actor_system")
-    node = Procfile(url, tmp_path, INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS="2")
-    try:
-        await node.start_actors()
-        await node.start_gateway()
-        yield node
-    finally:
-        await node.stop()
+    prefix = f"faults-{uuid.uuid4().hex[:8]}."
+    async with broker_side(prefix) as tap:
+        node = Procfile(url, tmp_path, INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS="2", **events_env(prefix))
+        try:
+            await node.start_actors()
+            await node.start_gateway()
+            yield node, tap
+        finally:
+            await node.stop()
 
 
-async def test_kill_9_of_the_whole_actor_system_under_load(node: Procfile):
+async def test_kill_9_of_the_whole_actor_system_under_load(node: tuple[Procfile, EventTap]):
+    node, tap = node
     org = f"kill-actors-{uuid.uuid4()}"
+    orders = EventOrders(tap.prefix, org)
     gateway_pid = node.procs["gateway"].pid
-    async with load(node.target, org) as run:
+    async with load(node.target, org) as run, ordering(orders, run.admin):
         tally = run.tally
         killed_pids = node.kill("actors")
         assert len(killed_pids) >= node.shards + 2, f"actor system processes killed: {killed_pids}"
@@ -59,8 +78,11 @@ async def test_kill_9_of_the_whole_actor_system_under_load(node: Procfile):
         await asyncio.sleep(3)  # load on the recovered node
         after = tally.since("recovered")
     found = await violations(node.database_url, org, tally)
+    event_found, redelivered, drain = await settle_events(node.database_url, org, tap, orders, 20.0)
+    found += event_found
     summary("kill-9-actor-system", tally, recovery, found, processes_killed=len(killed_pids),
-            actors_restarted_in=f"{restart:.2f} s", after_recovery=after,
+            actors_restarted_in=f"{restart:.2f} s", after_recovery=after, events_delivered=len(tap.deliveries),
+            redeliveries=redelivered, orders_via_events=len(orders.orders), events_settled_in=f"{drain:.2f} s",
             failed_by_the_reservations_order_race=tally.race_failures(node.log_text()))
     assert node.procs["gateway"].pid == gateway_pid and node.procs["gateway"].poll() is None
     assert not tally.forbidden, tally.forbidden[:5]

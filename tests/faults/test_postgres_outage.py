@@ -1,4 +1,4 @@
-"""Fault injection: Postgres goes away for 8 s under a mixed load and comes back, without a restart of
+"""Fault injection: Postgres goes away for 10 s under a mixed load and comes back, without a restart of
 the service. The outage is a TCP proxy this test owns between the service and Postgres (the machine's
 Postgres is never stopped): it stops listening and cuts every open connection, then listens again.
 
@@ -21,15 +21,15 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 from conftest import TEST_DATABASE_URL, Service, database_url_named, ensure_database, free_port, running
-from fault_load import Tally, prepare, violations, worker
+from fault_load import ACTOR_PORTS, AUX_PORTS, GRPC_PORTS, Tally, prepare, violations, worker
 from tcp_proxy import TcpProxy
 
 from gateway.pb import inventory_pb2_grpc as pbg
 from persistence.migrate import migrate
 
 pytestmark = pytest.mark.timeout(180)
-DATABASE_URL = database_url_named(TEST_DATABASE_URL, "inv_security_faults")
-OUTAGE_SECONDS = 8.0
+DATABASE_URL = database_url_named(TEST_DATABASE_URL, "inv_faults_postgres")
+OUTAGE_SECONDS = 10.0
 RECOVERY_LIMIT = 30.0
 VARIANTS = [f"v{i}" for i in range(6)]
 
@@ -39,13 +39,12 @@ async def proxied_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
     await ensure_database(DATABASE_URL)
     await migrate(DATABASE_URL)
     pg = urlsplit(DATABASE_URL)
-    proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432, free_port(range(50600, 50700)))
+    proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432, free_port(AUX_PORTS))
     await proxy.up()
     via_proxy = DATABASE_URL.replace(f"{pg.hostname}:{pg.port or 5432}", f"127.0.0.1:{proxy.port}", 1)
     assert via_proxy != DATABASE_URL
-    svc = Service(via_proxy, tmp_path_factory.mktemp("faults"), grpc_port=free_port(range(50600, 50700),
-                                                                                    {proxy.port}),
-                  actor_port=free_port(range(20300, 20400)))
+    svc = Service(via_proxy, tmp_path_factory.mktemp("faults"), grpc_port=free_port(GRPC_PORTS),
+                  actor_port=free_port(ACTOR_PORTS))
     try:
         async with running(svc):
             yield svc, proxy

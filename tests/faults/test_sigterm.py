@@ -14,22 +14,22 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from conftest import TEST_DATABASE_URL, Service, database_url_named, ensure_database, free_port, running
-from fault_load import VARIANTS, Tally, prepare, violations, worker
+from fault_load import ACTOR_PORTS, GRPC_PORTS, VARIANTS, Tally, prepare, violations, worker
 
 from gateway.pb import inventory_pb2 as pb
 from gateway.pb import inventory_pb2_grpc as pbg
 from persistence.migrate import migrate
 
 pytestmark = pytest.mark.timeout(180)
-DATABASE_URL = database_url_named(TEST_DATABASE_URL, "inv_security_faults")
+DATABASE_URL = database_url_named(TEST_DATABASE_URL, "inv_faults_sigterm")
 
 
 @pytest.fixture
 async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Service]:
     await ensure_database(DATABASE_URL)
     await migrate(DATABASE_URL)
-    svc = Service(DATABASE_URL, tmp_path_factory.mktemp("sigterm"), grpc_port=free_port(range(50600, 50700)),
-                  actor_port=free_port(range(20300, 20400)))
+    svc = Service(DATABASE_URL, tmp_path_factory.mktemp("sigterm"), grpc_port=free_port(GRPC_PORTS),
+                  actor_port=free_port(ACTOR_PORTS))
     async with running(svc):
         yield svc
 
