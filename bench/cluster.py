@@ -867,13 +867,15 @@ async def expiry_facts(dsn: str) -> dict[str, Any]:
 
     conn = await asyncpg.connect(dsn)
     try:
+        # a join, not a correlated subquery: movements_reference is a partial index (reference_id <> '')
+        # that a parameterized reference_id = r.reservation_id cannot use
         rows = await conn.fetch("""
+            WITH m AS (SELECT reference_id, extract(epoch FROM min(occurred_at))::float8 AS at FROM movements
+                       WHERE organization_id = $1 AND type = 'expire' GROUP BY reference_id)
             SELECT r.reservation_id, r.status, extract(epoch FROM r.expires_at)::float8 AS due,
-                   extract(epoch FROM r.updated_at)::float8 AS tx_start,
-                   (SELECT extract(epoch FROM min(m.occurred_at))::float8 FROM movements m
-                     WHERE m.organization_id = r.organization_id AND m.reference_id = r.reservation_id
-                       AND m.type = 'expire') AS batch_at
-            FROM reservations r WHERE r.organization_id = $1""", ORG)
+                   extract(epoch FROM r.updated_at)::float8 AS tx_start, m.at AS batch_at
+            FROM reservations r LEFT JOIN m ON m.reference_id = r.reservation_id
+            WHERE r.organization_id = $1""", ORG)
         events = await conn.fetchval(
             "SELECT count(DISTINCT payload->'data'->>'reservation_id') FROM outbox WHERE event_name = "
             "'inventory.reservation.expired'")
