@@ -41,6 +41,7 @@ from conftest import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.keys import items_hash, reservation_id, shard_hash, shard_of
+from gateway.config import ConfigError, Settings
 from gateway.pb import inventory_pb2 as pb
 from gateway.pb import inventory_pb2_grpc as pbg
 from gateway.sweep import OverdueSweeper
@@ -223,3 +224,11 @@ async def test_one_sweeper_per_database_holds_the_sweep_lock(service):
         assert await other.sweep_once() is None
     finally:
         await other.close()
+
+
+def test_the_sweep_interval_comes_from_the_environment_and_zero_turns_it_off():
+    assert Settings.from_env({}).sweep_interval_seconds == 30.0
+    assert Settings.from_env({"INVENTORY_SWEEP_INTERVAL_SECONDS": "0"}).sweep_interval_seconds == 0
+    assert Settings.from_env({"INVENTORY_SWEEP_INTERVAL_SECONDS": "2.5"}).sweep_interval_seconds == 2.5
+    with pytest.raises(ConfigError):
+        Settings.from_env({"INVENTORY_SWEEP_INTERVAL_SECONDS": "soon"})
