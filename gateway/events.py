@@ -14,7 +14,7 @@ The error table of this edge (one place):
 | done, or nothing to do (duplicate, track_inventory false, ...)   | ack |
 | order.placed refused: insufficient_stock, archived, not_found    | inventory.reservation.failed (once per order), ack |
 | catalog.variant.deleted refused: stock_not_zero                  | ack (the shard wrote inventory.stock.validation_failed) |
-| malformed: not JSON, unknown event, missing/invalid field, `invalid` from a flow | dead-letter at once |
+| malformed: not JSON (or nested too deeply), unknown event, missing/invalid field, a routing key other than the event (a retry returns under the queue's name), `invalid` from a flow | dead-letter at once |
 | a refusal nobody can retry away: conflict, closed (confirm/ship/cancel of an ended reservation), archived or unknown stock for a movement | dead-letter at once |
 | transient: `unavailable` (Postgres or a shard down), Postgres errors, the reservation of a confirmed/shipped order not there yet, any unexpected error | retry with backoff; dead-letter after `amqp_max_attempts` |
 
