@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -52,8 +53,8 @@ VARIANTS = [f"v{i}" for i in range(6)]
 GRPC_PORTS = range(50700, 50800)
 ACTOR_PORTS = range(20400, 20500)
 AUX_PORTS = range(50800, 50900)
-AMQP_HOST, AMQP_PORT = "127.0.0.1", 5672
-AMQP_URL = os.environ.get("INVENTORY_TEST_AMQP_URL", f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/")
+AMQP_URL = os.environ.get("INVENTORY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+AMQP_HOST, AMQP_PORT = urlsplit(AMQP_URL).hostname or "127.0.0.1", urlsplit(AMQP_URL).port or 5672
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 # Client channels reconnect quickly after the server went away (the default backoff starts at 1 s and
 # grows to 120 s, which would measure the client, not the service).
