@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
-import psutil
 import pytest
 from conftest import (
     TEST_DATABASE_URL,
@@ -69,7 +68,8 @@ async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Ser
     svc = SweepingService(DATABASE_URL, tmp_path_factory.mktemp("sweep"), shards=SHARDS,
                           grpc_port=free_port(range(50700, 50800)), actor_port=free_port(range(20400, 20500)),
                           extra_env={"INVENTORY_SWEEP_INTERVAL_SECONDS": "0.3",
-                                     "INVENTORY_RECONCILE_INTERVAL_SECONDS": "0"})
+                                     "INVENTORY_RECONCILE_INTERVAL_SECONDS": "0",
+                                     "INVENTORY_HTTP_PORT": str(free_port(range(8500, 8600)))})
     async with running(svc):
         yield svc
     await drop_database(DATABASE_URL)
@@ -147,18 +147,12 @@ def http_get(url: str) -> str | None:
         return None
 
 
-async def swept_lines(svc: Service) -> dict[str, float]:
-    """inventory_reservation_sweep_lines_total by outcome, from the serve process's /metrics (HTTP port 0)."""
-    assert svc.process is not None
-    ports = {c.laddr.port for c in psutil.Process(svc.process.pid).net_connections(kind="tcp")
-             if c.status == psutil.CONN_LISTEN and c.laddr.port != svc.grpc_port}
-    for port in sorted(ports):
-        text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
-        if text and "inventory_reservation_sweep_runs_total" in text:
-            return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
-                    if family.name == "inventory_reservation_sweep_lines"
-                    for s in family.samples if s.name.endswith("_total")}
-    raise AssertionError(f"no /metrics with the sweep counters among the listening ports {ports}")
+async def swept_lines(svc: SweepingService) -> dict[str, float]:
+    """inventory_reservation_sweep_lines_total by outcome, from the service's /metrics."""
+    text = await asyncio.to_thread(http_get, f"http://127.0.0.1:{svc.extra_env['INVENTORY_HTTP_PORT']}/metrics")
+    assert text and "inventory_reservation_sweep_runs_total" in text, text
+    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "inventory_reservation_sweep_lines" for s in family.samples if s.name.endswith("_total")}
 
 
 async def test_an_overdue_reservation_no_timer_holds_is_expired_by_the_sweep_through_its_shards(service, conn):
