@@ -92,6 +92,10 @@ class Dependency:
     probe: Probe | None  # None: not configured
     breaker: CircuitBreaker
     critical: bool = False
+    closes_breaker: bool = True
+    """False when the breaker guards real calls (Catalog validation, the Redis cache): a health check
+    that answers proves the server is up, not that those calls work, so only failures are recorded
+    and the breaker closes through its own half-open trial call."""
     last_check: float | None = None
     last_success: float | None = None
     latency: float | None = None
@@ -144,7 +148,7 @@ class HealthMonitor:
             async def redis_probe() -> dict[str, Any] | None:
                 await redis_cache.ping()
                 return None
-        self.add_probe("redis", redis_probe, breaker=breakers.of("redis"))
+        self.add_probe("redis", redis_probe, breaker=breakers.of("redis"), closes_breaker=False)
         catalog_probe = None
         if validator is not None:
             client = validator.client
@@ -152,14 +156,14 @@ class HealthMonitor:
             async def catalog_probe() -> dict[str, Any] | None:
                 await client.probe(CHECK_TIMEOUT)
                 return {"target": client.target, "degraded_mode": validator.degraded_mode}
-        self.add_probe("catalog", catalog_probe, breaker=breakers.of("catalog"))
+        self.add_probe("catalog", catalog_probe, breaker=breakers.of("catalog"), closes_breaker=False)
 
     def add_probe(self, name: str, probe: Probe | None, *, critical: bool = False,
-                  breaker: CircuitBreaker | None = None) -> None:
+                  breaker: CircuitBreaker | None = None, closes_breaker: bool = True) -> None:
         """Add or replace the check of a dependency (None: not configured, reported as disabled)."""
         old = self.dependencies.get(name)
         self.dependencies[name] = Dependency(
-            name, probe, breaker or (old.breaker if old else CircuitBreaker(name)), critical)
+            name, probe, breaker or (old.breaker if old else CircuitBreaker(name)), critical, closes_breaker)
         if probe is None:
             self.metrics.dependency_up.labels(name).set(-1)
 
@@ -184,7 +188,8 @@ class HealthMonitor:
             dep.healthy, dep.error = True, ""
             dep.details = details or {}
             dep.last_success = time.time()
-            dep.breaker.record_success()
+            if dep.closes_breaker:
+                dep.breaker.record_success()
         dep.latency = time.perf_counter() - started
         dep.last_check = time.time()
         self.metrics.dependency_up.labels(name).set(1 if dep.healthy else 0)

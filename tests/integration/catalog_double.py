@@ -52,13 +52,16 @@ class CatalogDouble(cpbg.CatalogServiceServicer):  # type: ignore[misc]
     delay: float = 0.0
     in_flight: int = 0  # calls received and not yet answered (or given up by their caller)
     _answering: asyncio.Event | None = None  # cleared while hanging
+    health_hangs: bool = True  # with `hang(health=False)` the health service keeps answering
 
     def add(self, organization_id: str, variant_id: str, **fields: object) -> None:
         self.variants[(organization_id, variant_id)] = Variant(**fields)  # type: ignore[arg-type]
 
-    def hang(self) -> None:
+    def hang(self, health: bool = True) -> None:
         """From now on every call is accepted and never answered, until `resume()` (or its caller's deadline:
-        grpc cancels the handler then)."""
+        grpc cancels the handler then). `health=False`: the health service still answers (a server whose
+        process is up while its Catalog calls hang)."""
+        self.health_hangs = health
         if self._answering is None:
             self._answering = asyncio.Event()
         self._answering.clear()
@@ -137,7 +140,8 @@ class _Health(health.aio.HealthServicer):  # type: ignore[misc]
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
-        await self._double.answering()
+        if self._double.health_hangs:
+            await self._double.answering()
         return await super().Check(request, context)
 
 
