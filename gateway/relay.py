@@ -292,8 +292,14 @@ class OutboxRelay:
 
 
 def _describe(e: BaseException) -> str:
-    text = str(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    """The error and what caused it (an AMQPConnectionError hides the TLS verification failure in its cause)."""
+    parts = []
+    seen: BaseException | None = e
+    while seen is not None and len(parts) < 3:
+        text = str(seen)
+        parts.append(f"{type(seen).__name__}: {text}" if text else type(seen).__name__)
+        seen = seen.__cause__ or seen.__context__
+    return " <- ".join(parts)
 
 
 # ---------------------------------------------------------------- a process of its own

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from persistence.migrate import migrate
-from tests.conftest import (
+from conftest import (
     TEST_DATABASE_URL,
     Shop,
     clients_for,

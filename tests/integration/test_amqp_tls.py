@@ -227,6 +227,7 @@ async def test_the_consumers_and_the_relay_never_talk_to_an_untrusted_broker(pki
             assert any("RabbitMQ unreachable" in r.getMessage() and "CERTIFICATE_VERIFY_FAILED" in r.getMessage()
                        for r in caplog.records), [r.getMessage() for r in caplog.records]
             assert rogue.handshakes == 0
+            assert "CERTIFICATE_VERIFY_FAILED" in relay.stats.last_error, relay.stats.last_error
         finally:
             await consumers.stop(grace=1)
             await relay.stop(flush=False)
