@@ -5,9 +5,9 @@ its shard id on its own connection for as long as it serves (`connect` refuses t
 return without it), and every snapshot update is guarded by the version it read, so
 two incarnations of one shard can never both commit.
 
-`commit` writes a whole batch with one multi-row statement per table (arrays through
-`unnest`), never a statement per row: this is what keeps the per-reservation cost of a
-hot stock near the cost of the gRPC call itself.
+`commit` writes a whole batch as one statement: a data-modifying CTE per table, each a
+multi-row insert or update over arrays (`unnest`), never a statement per row, and one
+round trip to Postgres per batch (two when it expires a reservation).
 """
 
 from __future__ import annotations
