@@ -5,8 +5,8 @@ an OS process (~5 MB, ~1,000 fds); a stock entity costs a few hundred bytes. The
 (a `StockState` plus the pure `decide`/`apply`) does not know it is hosted here.
 
 For each `ShardBatch` the shard, in this order:
-1. adds an `ExpireReservation` for every timer that is due (timers never decide alone:
-   the core also expires overdue lines whenever a stock is touched);
+1. adds an `ExpireReservation` for every variant whose timer is due (timers never decide
+   alone: the core also expires overdue lines whenever a stock is touched);
 2. activates the missing variants (all their warehouses) from Postgres in one query;
 3. looks up what the store remembers of reservations and idempotency keys it must answer;
 4. runs `decide` for each command in arrival order, applying its events to the stocks;
@@ -26,8 +26,11 @@ import asyncio
 import gc
 import heapq
 import logging
+import math
 import time
+from collections.abc import Sequence
 from datetime import timedelta
+from sys import intern
 from typing import Any
 
 import msgspec
@@ -57,7 +60,6 @@ from actors.messages import (
     ShipReservation,
     ShipTransfer,
     StockKey,
-    StockReserved,
     decode_batch,
     encode_replies,
 )
@@ -91,25 +93,47 @@ def idempotency_key(cmd: Command) -> str:
 
 
 class TimerHeap:
-    """One heap of (expires_at, org, variant, reservation_id) for the whole shard."""
+    """The shard's expiry timers: one live entry per variant, at the earliest `expires_at` of its
+    open TTL lines (a heap of (expires_at, org, variant); `armed` holds each variant's live time).
+
+    Per variant, not per line: a firing timer makes the shard touch the variant's stocks, and a
+    touch expires every overdue line of them. (One entry per line, with its own strings, cost
+    about 800 bytes per stock with two open reservations.) Arming earlier than the live time
+    pushes a new entry; the old one, no longer the variant's armed time, is skipped as stale.
+    """
 
     def __init__(self) -> None:
-        self.heap: list[tuple[float, str, str, str]] = []
+        self.heap: list[tuple[float, str, str]] = []
+        self.armed: dict[VariantKey, float] = {}
 
-    def push(self, expires_at: float, org: str, variant: str, rid: str) -> None:
-        heapq.heappush(self.heap, (expires_at, org, variant, rid))
+    def arm(self, expires_at: float, org: str, variant: str) -> None:
+        key = (org, variant)
+        if expires_at < self.armed.get(key, math.inf):
+            self.armed[key] = expires_at
+            heapq.heappush(self.heap, (expires_at, org, variant))
 
-    def pop_due(self, now: float) -> list[tuple[float, str, str, str]]:
+    def disarm(self, key: VariantKey) -> None:
+        self.armed.pop(key, None)
+
+    def pop_due(self, now: float) -> list[tuple[float, str, str]]:
+        """The live timers due at `now`, disarmed (stale entries are dropped on the way)."""
         due = []
         while self.heap and self.heap[0][0] <= now:
-            due.append(heapq.heappop(self.heap))
+            entry = heapq.heappop(self.heap)
+            key = (entry[1], entry[2])
+            if self.armed.get(key) == entry[0]:
+                del self.armed[key]
+                due.append(entry)
         return due
 
     def earliest(self) -> float | None:
-        return self.heap[0][0] if self.heap else None
+        heap = self.heap
+        while heap and self.armed.get((heap[0][1], heap[0][2])) != heap[0][0]:
+            heapq.heappop(heap)  # stale
+        return heap[0][0] if heap else None
 
     def __len__(self) -> int:
-        return len(self.heap)
+        return len(self.armed)
 
 
 class ShardCore:
@@ -135,9 +159,10 @@ class ShardCore:
         await self.store.connect()
         self.stocks.clear()
         self.timers = TimerHeap()
-        for expires_at, org, variant, rid in await self.store.load_due():
-            self.timers.push(expires_at, org, variant, rid)
-        log.info("shard %s ready: %d open reservation timers", self.cfg.shard_id, len(self.timers))
+        for expires_at, org, variant in await self.store.load_due():
+            self.timers.arm(expires_at, intern(org), intern(variant))
+        log.info("shard %s ready: timers armed for %d variants with open reservations",
+                 self.cfg.shard_id, len(self.timers))
 
     async def ensure_started(self) -> None:
         if not self.store.healthy:
@@ -159,13 +184,12 @@ class ShardCore:
             return [Rejected("unavailable", "database unavailable")] * len(commands)
 
         due = self.timers.pop_due(now)
-        expiring = {(org, variant): rid for _, org, variant, rid in due}
-        internal: list[Command] = [ExpireReservation(org, rid, variant) for (org, variant), rid in expiring.items()]
+        internal: list[Command] = [ExpireReservation(org, "", variant) for _, org, variant in due]
         try:
-            replies = await self._run(internal + commands, now)
+            replies = await self._run(internal + commands, now, [(org, variant) for _, org, variant in due])
         except Exception as e:
             for entry in due:
-                self.timers.push(*entry)
+                self.timers.arm(*entry)
             if isinstance(e, StaleVersion):
                 log.error("shard %s lost ownership of its keys: %s", self.cfg.shard_id, e)
             else:
@@ -179,7 +203,7 @@ class ShardCore:
         self._maybe_passivate(now)
         return replies[len(internal):]
 
-    async def _run(self, commands: list[Command], now: float) -> list[Reply]:
+    async def _run(self, commands: list[Command], now: float, fired: Sequence[VariantKey] = ()) -> list[Reply]:
         await self._activate(commands, now)
         priors = await self._priors(commands)
         stored = await self._stored_replies(commands)
@@ -228,7 +252,7 @@ class ShardCore:
             await self.store.commit(write)
             self.commits += 1
             self.commit_seconds += time.perf_counter() - started
-        self._swap_in(working, events)
+        self._swap_in(working, fired)
         return replies
 
     def _view(self, cmd: Command, working: dict[StockKey, StockState],
@@ -243,33 +267,41 @@ class ShardCore:
                 view[key] = working[key]
         return view
 
-    def _swap_in(self, working: dict[StockKey, StockState], events: list[tuple[StockKey, Event]]) -> None:
+    def _swap_in(self, working: dict[StockKey, StockState], fired: Sequence[VariantKey]) -> None:
+        """Keep the created stocks; re-arm the timer of every variant changed or whose timer fired."""
+        variants = dict.fromkeys(fired)
         for key, state in working.items():
-            if state.next_expiry != float("inf"):
-                recompute_next_expiry(state)  # a scan of a few lines, or pops off the stock's heap
             self.stocks.setdefault((key[0], key[1]), {})[key[2]] = state
-        for key, event in events:
-            if isinstance(event, StockReserved):
-                self.timers.push(event.expires_at, key[0], key[1], event.reservation_id)
+            variants[(key[0], key[1])] = None
+        for vk in variants:
+            earliest = math.inf
+            for state in self.stocks.get(vk, {}).values():
+                if state.next_expiry != math.inf:
+                    recompute_next_expiry(state)  # a scan of a few lines, or pops off the stock's heap
+                    earliest = min(earliest, state.next_expiry)
+                    org, variant = state.organization_id, state.variant_id  # the states' (interned) strings
+            if earliest != math.inf:
+                self.timers.arm(earliest, org, variant)
 
     async def _activate(self, commands: list[Command], now: float) -> None:
         need: dict[VariantKey, None] = {}
         for cmd in commands:
             for variant in variants_of(cmd):
                 vk = (cmd.organization_id, variant)
-                self.last_used[vk] = now
                 if vk not in self.stocks:
+                    # one string object per id, shared by the keys, the states and the timers
+                    vk = (intern(cmd.organization_id), intern(variant))
                     need[vk] = None
+                self.last_used[vk] = now
         if not need:
             return
         loaded = await self.store.load_variants(list(need))
         for vk in need:
             self.stocks[vk] = {}
         for state in loaded:
+            # No timers armed here: `start` armed every variant with open lines (load_due), and
+            # variants changed since were armed when committed.
             self.stocks[(state.organization_id, state.variant_id)][state.warehouse_id] = state
-            for line in state.lines.values():
-                if not line.confirmed:
-                    self.timers.push(line.expires_at, state.organization_id, state.variant_id, line.reservation_id)
         self._loaded_since_freeze += len(loaded)
         if self._loaded_since_freeze > 20_000:
             gc.collect()
@@ -318,6 +350,7 @@ class ShardCore:
                 continue
             self.stocks.pop(vk, None)
             self.last_used.pop(vk, None)
+            self.timers.disarm(vk)
 
     def status(self) -> ShardStatus:
         return ShardStatus(

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from sys import intern
 
 import asyncpg
 import msgspec
@@ -206,9 +207,10 @@ JOIN reservation_lines l ON l.organization_id = u.o AND l.reservation_id = u.r
 """
 
 _LOAD_DUE = """
-SELECT extract(epoch FROM expires_at)::float8 AS expires_at, organization_id, variant_id, reservation_id
+SELECT extract(epoch FROM min(expires_at))::float8 AS expires_at, organization_id, variant_id
 FROM reservation_lines
 WHERE status = 'active' AND shard_hash % $2 = $1
+GROUP BY organization_id, variant_id
 """
 
 _LOAD_REPLIES = """
@@ -359,9 +361,9 @@ class ShardStore:
         states: dict[StockKey, StockState] = {}
         for r in await conn.fetch(_LOAD_STOCKS, orgs, variants):
             key = (r[0], r[1], r[2])
-            states[key] = StockState(
-                organization_id=r[0], variant_id=r[1], warehouse_id=r[2], on_hand=r[3], reserved=0,
-                in_transit=r[5], min_stock=r[6], max_stock=r[7], reorder_point=r[8], status=r[9],
+            states[key] = StockState(  # ids interned: shared with the shard's keys and timers
+                organization_id=intern(r[0]), variant_id=intern(r[1]), warehouse_id=intern(r[2]), on_hand=r[3],
+                reserved=0, in_transit=r[5], min_stock=r[6], max_stock=r[7], reorder_point=r[8], status=intern(r[9]),
                 version=r[10], warehouse_active=r[11],
             )
         for r in await conn.fetch(_LOAD_LINES, orgs, variants):
@@ -374,10 +376,10 @@ class ShardStore:
             recompute_next_expiry(state)
         return list(states.values())
 
-    async def load_due(self) -> list[tuple[float, str, str, str]]:
-        """(expires_at, org, variant, reservation_id) of every open TTL line of this shard."""
+    async def load_due(self) -> list[tuple[float, str, str]]:
+        """(earliest expires_at, org, variant) of every variant of this shard with open TTL lines."""
         rows = await self._c().fetch(_LOAD_DUE, self.shard_id, self.shard_count)
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
+        return [(r[0], r[1], r[2]) for r in rows]
 
     async def load_priors(self, ids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], PriorReservation]:
         """What is remembered of reservations not open in memory (closed, or never made)."""

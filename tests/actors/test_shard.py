@@ -17,6 +17,7 @@ import pytest
 from actors.envelopes import ShardConfigure
 from actors.keys import shard_of
 from actors.messages import (
+    ConfirmReservation,
     ReadStock,
     RecordMovement,
     Rejected,
@@ -26,7 +27,7 @@ from actors.messages import (
     ReserveStock,
     StockLevelsResult,
 )
-from actors.shard import ShardCore
+from actors.shard import ShardCore, TimerHeap
 from persistence.migrate import migrate
 
 DSN = os.environ.get("INVENTORY_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
@@ -234,3 +235,45 @@ async def test_idle_stocks_are_passivated_but_those_with_timers_stay(db: asyncpg
         assert isinstance(levels, StockLevelsResult) and levels.levels[0].on_hand == 5
     finally:
         await c.stop()
+
+
+async def test_a_variant_timer_is_armed_again_after_it_fires_even_when_nothing_was_due(db: asyncpg.Connection) -> None:
+    """One timer per variant, at its earliest open line: after it fires (here for a line confirmed
+    meanwhile, so the firing changes nothing) it must be armed for the next line."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 10)
+        t0 = time.time()
+        for rid, ttl in (("early", 0.3), ("late", 0.8)):
+            [r] = await c.process([reserve(o, rid, v, 1, ttl)], t0)
+            assert isinstance(r, ReservationResult)
+        armed = c.timers.armed  # (other tests' open lines in this database have timers of their own)
+        assert armed[(o, v)] == pytest.approx(t0 + 0.3, abs=0.05)
+        [r] = await c.process([ConfirmReservation(o, "early", (v,))], t0 + 0.1)
+        assert not isinstance(r, Rejected), r
+        await c.process([], t0 + 0.4)  # the variant's timer fires: nothing is overdue
+        assert armed[(o, v)] == pytest.approx(t0 + 0.8, abs=0.05)
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 2
+        await c.process([], t0 + 0.9)  # fires again: "late" expires
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 1
+        statuses = dict(await db.fetch("SELECT reservation_id, status FROM reservation_lines WHERE organization_id=$1", o))
+        assert statuses == {"early": "confirmed", "late": "expired"}
+        assert (o, v) not in armed
+    finally:
+        await c.stop()
+
+
+def test_timer_heap_keeps_one_live_timer_per_variant() -> None:
+    heap = TimerHeap()
+    heap.arm(10.0, "o", "v")
+    heap.arm(12.0, "o", "v")  # later than the live one: nothing changes
+    heap.arm(5.0, "o", "v")  # earlier: the 10.0 entry goes stale
+    heap.arm(7.0, "o", "w")
+    assert len(heap) == 2 and heap.earliest() == 5.0
+    assert heap.pop_due(6.0) == [(5.0, "o", "v")]
+    assert heap.pop_due(11.0) == [(7.0, "o", "w")]  # the stale 10.0 of v is dropped, not returned
+    assert heap.earliest() is None and len(heap) == 0
+    heap.arm(3.0, "o", "v")
+    heap.disarm(("o", "v"))
+    assert heap.pop_due(100.0) == [] and heap.earliest() is None
