@@ -662,6 +662,22 @@ class EventOrders:
         return [o for o in self.orders if o not in shipped]
 
 
+@contextlib.asynccontextmanager
+async def procfile_with_events(tmp_path: Path, scenario: str, **env: str) -> AsyncIterator[tuple[Procfile, EventTap]]:
+    """The Procfile's `actors` and `gateway` on the scenario's database, events on, with the test's
+    consumer of what they publish; stopped (nothing may be left) afterwards."""
+    url = await scenario_database(scenario)
+    prefix = f"faults-{uuid.uuid4().hex[:8]}."
+    async with broker_side(prefix) as tap:
+        node = Procfile(url, tmp_path, **env, **events_env(prefix))
+        try:
+            await node.start_actors()
+            await node.start_gateway()
+            yield node, tap
+        finally:
+            await node.stop()
+
+
 def events_env(prefix: str, amqp_url: str = AMQP_URL) -> dict[str, str]:
     """The service's settings for events on, on names of its own (`prefix`), retrying quickly."""
     return {"INVENTORY_AMQP_URL": amqp_url, "INVENTORY_AMQP_PREFIX": prefix, "INVENTORY_AMQP_RETRY_SECONDS": "0.2",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,20 +48,27 @@ WORKERS = 4
 RECOVERY_LIMIT = COOLDOWN + 5.0
 
 
-@pytest.fixture(params=[True, False], ids=["degraded-on", "degraded-off"])
-async def setup(request, tmp_path) -> AsyncIterator[tuple[FaultService, object, str, bool]]:
-    degraded = request.param
-    org = f"catalog-hang-{uuid.uuid4()}"
+@contextlib.asynccontextmanager
+async def hang_service(tmp_path, org: str, degraded: bool,
+                       cooldown: float = COOLDOWN) -> AsyncIterator[tuple[FaultService, object]]:
+    """`inventory serve` validating against a Catalog double, with this test's deadline and breaker."""
     url = await scenario_database("catalog")
     async with catalog_for(org) as catalog:
         svc = FaultService(url, tmp_path, extra_env={
             "CATALOG_GRPC_HOST": "127.0.0.1", "CATALOG_GRPC_PORT": str(catalog.port),
             "INVENTORY_CATALOG_TIMEOUT_SECONDS": str(TIMEOUT), "INVENTORY_BREAKER_FAILURE_THRESHOLD": str(THRESHOLD),
-            "INVENTORY_BREAKER_COOLDOWN_SECONDS": str(COOLDOWN), "INVENTORY_CATALOG_CACHE_TTL_SECONDS": "1",
+            "INVENTORY_BREAKER_COOLDOWN_SECONDS": str(cooldown), "INVENTORY_CATALOG_CACHE_TTL_SECONDS": "1",
             "INVENTORY_CATALOG_DEGRADED_MODE": "true" if degraded else "false",
             "INVENTORY_HTTP_PORT": str(free_port(AUX_PORTS, {catalog.port}))})
         async with running(svc):
-            yield svc, catalog, org, degraded
+            yield svc, catalog
+
+
+@pytest.fixture(params=[True, False], ids=["degraded-on", "degraded-off"])
+async def setup(request, tmp_path) -> AsyncIterator[tuple[FaultService, object, str, bool]]:
+    org = f"catalog-hang-{uuid.uuid4()}"
+    async with hang_service(tmp_path, org, request.param) as (svc, catalog):
+        yield svc, catalog, org, request.param
 
 
 async def breaker_state(svc: FaultService) -> float | None:
@@ -165,24 +173,16 @@ async def test_readiness_checks_do_not_close_a_breaker_that_validation_opened(tm
     health check) must not close the breaker those calls opened, or every validation would wait for the
     deadline again after each readiness poll. Only the breaker's own trial call closes it."""
     org = f"catalog-half-hang-{uuid.uuid4()}"
-    url = await scenario_database("catalog")
-    async with catalog_for(org) as catalog:
-        svc = FaultService(url, tmp_path, extra_env={
-            "CATALOG_GRPC_HOST": "127.0.0.1", "CATALOG_GRPC_PORT": str(catalog.port),
-            "INVENTORY_CATALOG_TIMEOUT_SECONDS": str(TIMEOUT), "INVENTORY_BREAKER_FAILURE_THRESHOLD": str(THRESHOLD),
-            "INVENTORY_BREAKER_COOLDOWN_SECONDS": "30", "INVENTORY_CATALOG_CACHE_TTL_SECONDS": "1",
-            "INVENTORY_CATALOG_DEGRADED_MODE": "true",
-            "INVENTORY_HTTP_PORT": str(free_port(AUX_PORTS, {catalog.port}))})
-        async with running(svc):
-            port = int(svc.env()["INVENTORY_HTTP_PORT"])
-            async with load(svc.target, org, WORKERS):
-                catalog.double.hang(health=False)
-                deadline = time.monotonic() + 15
-                while await breaker_state(svc) != 2:
-                    assert time.monotonic() < deadline, "the catalog breaker never opened"
-                    await asyncio.sleep(0.1)
-                for _ in range(3):
-                    ready = await readiness(port)
-                    assert ready["checks"]["catalog"]["status"] == "healthy", ready  # its health answers
-                    assert await breaker_state(svc) == 2, "a readiness check closed the breaker"
-                catalog.double.resume()
+    async with hang_service(tmp_path, org, degraded=True, cooldown=30) as (svc, catalog):
+        port = int(svc.env()["INVENTORY_HTTP_PORT"])
+        async with load(svc.target, org, WORKERS):
+            catalog.double.hang(health=False)
+            deadline = time.monotonic() + 15
+            while await breaker_state(svc) != 2:
+                assert time.monotonic() < deadline, "the catalog breaker never opened"
+                await asyncio.sleep(0.1)
+            for _ in range(3):
+                ready = await readiness(port)
+                assert ready["checks"]["catalog"]["status"] == "healthy", ready  # its health answers
+                assert await breaker_state(svc) == 2, "a readiness check closed the breaker"
+            catalog.double.resume()

@@ -25,11 +25,9 @@ from fault_load import (
     EventOrders,
     EventTap,
     Procfile,
-    broker_side,
-    events_env,
     load,
     ordering,
-    scenario_database,
+    procfile_with_events,
     served_again,
     settle_events,
     summary,
@@ -43,16 +41,8 @@ ALLOWED = {"OK", "UNAVAILABLE", "FAILED_PRECONDITION"}
 
 @pytest.fixture
 async def node(tmp_path) -> AsyncIterator[tuple[Procfile, EventTap]]:
-    url = await scenario_database("actor_system")
-    prefix = f"faults-{uuid.uuid4().hex[:8]}."
-    async with broker_side(prefix) as tap:
-        node = Procfile(url, tmp_path, INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS="2", **events_env(prefix))
-        try:
-            await node.start_actors()
-            await node.start_gateway()
-            yield node, tap
-        finally:
-            await node.stop()
+    async with procfile_with_events(tmp_path, "actor_system", INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS="2") as running_node:
+        yield running_node
 
 
 async def test_kill_9_of_the_whole_actor_system_under_load(node: tuple[Procfile, EventTap]):
