@@ -126,12 +126,27 @@ async def overdue_lines(conn: asyncpg.Connection | asyncpg.Pool, grace_seconds: 
 # ---------------------------------------------------------------- read-only queries for metrics (gateway/health.py)
 
 
+BACKLOG_COUNT_LIMIT = 100_000
+"""The backlog is counted exactly up to here, and estimated from the unsent ids beyond."""
+
+
 async def outbox_backlog(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[int, float]:
-    """(unsent events, age in seconds of the oldest unsent one, 0 if none)."""
-    row = await conn.fetchrow(
-        "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8"
-        " FROM outbox WHERE sent_at IS NULL")
-    return int(row[0]), float(row[1])
+    """(unsent events, age in seconds of the oldest unsent one, 0 if none).
+
+    Polled every few seconds by every gateway, so it must not scan a large backlog (a broker
+    outage): the oldest unsent row is the first of the `outbox_unsent` index, the count stops
+    at BACKLOG_COUNT_LIMIT and past it is the span of the unsent ids (an upper bound)."""
+    row = await conn.fetchrow(f"""
+        SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox WHERE sent_at IS NULL
+                                      LIMIT {BACKLOG_COUNT_LIMIT + 1}) AS capped),
+               COALESCE(EXTRACT(EPOCH FROM now() - (SELECT created_at FROM outbox WHERE sent_at IS NULL
+                                                    ORDER BY id LIMIT 1)), 0)::float8,
+               (SELECT max(id) FROM outbox WHERE sent_at IS NULL)
+               - (SELECT min(id) FROM outbox WHERE sent_at IS NULL) + 1""")
+    depth = int(row[0])
+    if depth > BACKLOG_COUNT_LIMIT:
+        depth = max(depth, int(row[2] or 0))
+    return depth, float(row[1])
 
 
 async def outbox_high_water(conn: asyncpg.Connection | asyncpg.Pool) -> int:

@@ -14,6 +14,7 @@ change, its movement and its lines in one transaction).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,19 +98,43 @@ async def check(conn: asyncpg.Connection, organization_id: str | None = None) ->
     return Report(int(count), tuple(Drift(*r.values()) for r in rows))
 
 
+RECONCILE_LOCK_ID = 0x1A7E_0004  # arbitrary, constant: "the reconciler" (relay 0x1A7E_0002, sweep 0x1A7E_0003)
+
+
 async def run_periodically(pool: asyncpg.Pool, interval: float, on_report: Callable[[Report], None]) -> None:
     """The gateway's background job: check every `interval` seconds, hand each report over; never raises
-    (a failed run is logged and the next one comes at its time). Cancel the task to stop it."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            async with pool.acquire() as conn:
-                report = await check(conn)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            log.warning("reconcile run failed: %s: %s", type(e).__name__, e)
-            continue
-        log_report(report)
-        on_report(report)
+    (a failed run is logged and the next one comes at its time). Cancel the task to stop it.
+
+    A run scans the whole ledger, so with several gateways on one database only one runs it: the one
+    holding a session advisory lock on a connection it keeps; the others try again each interval
+    (and so take over when that gateway goes)."""
+    owner: asyncpg.Connection | None = None
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if owner is None:
+                    conn = await pool.acquire()
+                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RECONCILE_LOCK_ID):
+                        owner = conn
+                    else:
+                        await pool.release(conn)
+                        continue  # another gateway reconciles this database
+                report = await check(owner)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                log.warning("reconcile run failed: %s: %s", type(e).__name__, e)
+                if owner is not None:
+                    owner.terminate()  # its session (and lock) may be gone: start again next time
+                    await pool.release(owner)
+                    owner = None
+                continue
+            log_report(report)
+            on_report(report)
+    finally:
+        if owner is not None:
+            with contextlib.suppress(Exception):
+                await owner.execute("SELECT pg_advisory_unlock($1)", RECONCILE_LOCK_ID)
+            await pool.release(owner)
 
 
 def log_report(report: Report) -> None:

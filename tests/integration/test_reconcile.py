@@ -173,3 +173,37 @@ async def _equals(value, expected: float) -> bool:
 
 async def _logged(svc: Service, org: str) -> bool:
     return any("stock drift" in line and org in line for line in svc.log_tail(2000).splitlines())
+
+
+async def test_with_several_gateways_one_reconciles_and_another_takes_over() -> None:
+    """Each run scans the ledger: two gateways' jobs on one database must not both run it."""
+    url = database_url_named(TEST_DATABASE_URL, "inv_reconcile_lock")
+    await ensure_database(url)
+    await migrate(url)
+    pools = [await asyncpg.create_pool(url, min_size=1, max_size=2) for _ in range(2)]
+    runs = [0, 0]
+
+    def counter(i: int):  # type: ignore[no-untyped-def]
+        def on_report(report: reconcile.Report) -> None:
+            runs[i] += 1
+        return on_report
+
+    jobs = [asyncio.create_task(reconcile.run_periodically(p, 0.1, counter(i))) for i, p in enumerate(pools)]
+    try:
+        await eventually(lambda: _value(max(runs) >= 5), timeout=20, what="reconcile runs")
+        assert min(runs) == 0, runs  # one owner; the other never ran
+        owner = runs.index(max(runs))
+        jobs[owner].cancel()
+        await asyncio.gather(jobs[owner], return_exceptions=True)  # it releases the lock
+        other = 1 - owner
+        await eventually(lambda: _value(runs[other] >= 3), timeout=20, what="the other gateway takes over")
+    finally:
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        for p in pools:
+            await p.close()
+
+
+async def _value(value: object) -> object:
+    return value
