@@ -427,7 +427,7 @@ BUCKETS = [
     ("gateway: servicer and flow code (Python)", ("gateway/flows.py",)),
     ("gateway: servicer and flow code (Python)", ("gateway/metrics.py",)),
     ("Thespian transport loop (receive, ack, select)", ("TCPTransport",)),
-    ("other thread, stack not resolved (in the gateway: the bridge thread)", ("Thread._bootstrap",)),
+    ("other thread without Python frames (in the gateway: grpc.aio's poller thread, C code)", ("Thread._bootstrap",)),
 ]
 
 
