@@ -11,8 +11,6 @@ Times are float seconds since the epoch (UTC); the caller supplies `now`.
 
 from __future__ import annotations
 
-from typing import Union
-
 import msgspec
 
 StockKey = tuple[str, str, str]
@@ -172,22 +170,22 @@ class ArchiveVariant(_Msg, frozen=True):
     variant_id: str
 
 
-Command = Union[
-    ReserveStock,
-    ReleaseReservation,
-    ConfirmReservation,
-    AbortReservation,
-    ShipReservation,
-    ExpireReservation,
-    RecordMovement,
-    SetStockPolicy,
-    ShipTransfer,
-    ReceiveTransfer,
-    ReadStock,
-    SetWarehouseActive,
-    InitializeVariant,
-    ArchiveVariant,
-]
+Command = (
+    ReserveStock
+    | ReleaseReservation
+    | ConfirmReservation
+    | AbortReservation
+    | ShipReservation
+    | ExpireReservation
+    | RecordMovement
+    | SetStockPolicy
+    | ShipTransfer
+    | ReceiveTransfer
+    | ReadStock
+    | SetWarehouseActive
+    | InitializeVariant
+    | ArchiveVariant
+)
 
 # ---------------------------------------------------------------- events
 
@@ -282,22 +280,22 @@ class VariantArchived(_Msg, frozen=True):
     warehouse_ids: tuple[str, ...]
 
 
-Event = Union[
-    StockCreated,
-    StockReserved,
-    ReservationConfirmed,
-    ReservationReleased,
-    ReservationExpired,
-    ReservationAborted,
-    ReservationShipped,
-    StockMoved,
-    PolicyChanged,
-    ThresholdCrossed,
-    StockArchived,
-    VariantInitialized,
-    VariantArchiveRefused,
-    VariantArchived,
-]
+Event = (
+    StockCreated
+    | StockReserved
+    | ReservationConfirmed
+    | ReservationReleased
+    | ReservationExpired
+    | ReservationAborted
+    | ReservationShipped
+    | StockMoved
+    | PolicyChanged
+    | ThresholdCrossed
+    | StockArchived
+    | VariantInitialized
+    | VariantArchiveRefused
+    | VariantArchived
+)
 
 NOTIFICATIONS = (ThresholdCrossed, VariantInitialized, VariantArchiveRefused, VariantArchived)
 """Events that change no state (no version bump): they only become outbox rows."""
@@ -371,7 +369,7 @@ class Rejected(_Msg, frozen=True):
     shortages: tuple[Shortage, ...] = ()
 
 
-Reply = Union[ReservationResult, StockLevelsResult, DoneResult, Rejected]
+Reply = ReservationResult | StockLevelsResult | DoneResult | Rejected
 
 
 class Batch(msgspec.Struct, frozen=True, array_like=True, gc=False):

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from thespian.actors import ActorExitRequest, ActorTypeDispatcher, ChildActorExited, PoisonMessage, WakeupMessage
+from thespian.actors import (
+    ActorExitRequest,
+    ActorTypeDispatcher,
+    ChildActorExited,
+    PoisonMessage,
+    WakeupMessage,
+)
 
 from actors.envelopes import ClusterStart, ShardConfigure, ShardMap, ShardMapRequest, ShardStatus
 

@@ -178,7 +178,7 @@ class ShardCore:
             await self.ensure_started()
         except ShardLockHeld as e:
             return [Rejected("unavailable", str(e))] * len(commands)
-        except Exception as e:  # Postgres down: fail fast, retry on the next batch
+        except Exception as e:  # noqa: BLE001 - Postgres down: fail fast, retry on the next batch
             log.warning("shard %s cannot reach Postgres: %s", self.cfg.shard_id, e)
             await self.store.close()
             return [Rejected("unavailable", "database unavailable")] * len(commands)
@@ -187,7 +187,7 @@ class ShardCore:
         internal: list[Command] = [ExpireReservation(org, "", variant) for _, org, variant in due]
         try:
             replies = await self._run(internal + commands, now, [(org, variant) for _, org, variant in due])
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - any failure: the batch is answered unavailable, memory dropped
             for entry in due:
                 self.timers.arm(*entry)
             if isinstance(e, StaleVersion):
@@ -396,7 +396,7 @@ class StockShard(ActorTypeDispatcher):
         try:
             self.loop.run_until_complete(self.core.start())
             self.send(sender, self.core.status())
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - reported to the registrar, which retries
             log.error("shard %s failed to start: %s", msg.shard_id, e)
             self.send(sender, ShardStatus(msg.shard_id, False, f"{type(e).__name__}: {e}"))
         self._arm()

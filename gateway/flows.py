@@ -259,7 +259,7 @@ async def confirm(core: Core, org: str, rid: str) -> None:
         raise FlowError("not_found", f"reservation {rid} not found")
     closed = {ln.status for ln in lines} - {"active", "confirmed", "shipped"}
     if closed:
-        raise FlowError("closed", f"reservation {rid} is {sorted(closed)[0]}")
+        raise FlowError("closed", f"reservation {rid} is {min(closed)}")
     active = [ln.variant_id for ln in lines if ln.status == "active"]
     if not active:
         return  # already confirmed (or shipped): idempotent
@@ -291,7 +291,7 @@ async def ship(core: Core, org: str, rid: str) -> bool:
     if not open_variants:
         if all(ln.status == "shipped" for ln in lines):
             return False
-        raise FlowError("closed", f"reservation {rid} is {sorted({ln.status for ln in lines})[0]}")
+        raise FlowError("closed", f"reservation {rid} is {min({ln.status for ln in lines})}")
     groups = core.by_shard(org, open_variants)
     replies = await core.bridge.call_many([(s, ShipReservation(org, rid, vs)) for s, vs in groups.items()])
     for reply in replies:

@@ -338,7 +338,7 @@ class ShardStore:
         if self.conn is not None and not self.conn.is_closed():
             try:
                 await self.conn.close(timeout=2)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a broken connection cannot close politely
                 self.conn.terminate()
         self.conn = None
 

@@ -76,7 +76,7 @@ async def actor_system(tmp_path: Path):
     ready = tmp_path / "ready"
     code = ("import sys, logging; from actors.system import run_node; "
             f"sys.exit(run_node('node-1', {port}, '127.0.0.1:{port}', {dsn!r}, 1, {str(ready)!r}))  # {marker}")
-    launcher = subprocess.Popen([sys.executable, "-c", code])
+    launcher = subprocess.Popen([sys.executable, "-c", code])  # noqa: ASYNC220 - starts, does not wait
     deadline = time.monotonic() + 60
     while not ready.exists():
         assert launcher.poll() is None, "the launcher exited"
@@ -124,7 +124,7 @@ async def test_the_shard_timer_expires_a_reservation_with_no_other_traffic(actor
 
 
 async def test_stopping_the_launcher_leaves_no_actor_process(actor_system) -> None:
-    port, _, marker, launcher = actor_system
+    _, _, marker, launcher = actor_system
     assert len(_processes_with(marker)) >= 2  # launcher, admin, shard, logger...
     launcher.send_signal(signal.SIGTERM)
     assert launcher.wait(30) == 0

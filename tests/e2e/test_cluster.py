@@ -13,7 +13,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,8 +22,6 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-
-from persistence.migrate import migrate
 from conftest import (
     TEST_DATABASE_URL,
     Shop,
@@ -34,6 +31,8 @@ from conftest import (
     ensure_database,
     free_port,
 )
+
+from persistence.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
@@ -104,7 +103,7 @@ class Cluster:
         self.procs[name] = subprocess.Popen(
             [PYTHON, "-m", "gateway.cli", "actors", "--node", name, "--admin-port", str(port),
              "--leader", f"127.0.0.1:{leader_port}", "--ready-file", str(self.tmp / f"{name}.ready")],
-            env=self.env(name), cwd=ROOT, stdout=open(self.tmp / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+            env=self.env(name), cwd=ROOT, stdout=open(self.tmp / f"{name}.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115 - the child owns it
 
     async def wait_ready(self, name: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -122,7 +121,7 @@ class Cluster:
                          INVENTORY_GRPC_PORT=str(self.grpc_port),
                          INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS=str(reply_timeout),
                          INVENTORY_RELAY_IN_GATEWAY="false"),
-            cwd=ROOT, stdout=open(self.tmp / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=open(self.tmp / f"{name}.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115 - the child owns it
         return self.target
 
     @property
@@ -135,7 +134,7 @@ class Cluster:
             env=self.env("probe"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, err.decode()[-2000:]
-        return eval(out.decode().strip().splitlines()[-1])  # noqa: S307 - our own repr
+        return eval(out.decode().strip().splitlines()[-1])
 
     async def placement(self) -> list[tuple[str, bool] | None]:
         return await self.ask("placement")

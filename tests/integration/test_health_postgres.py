@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 import grpc
 import pytest
 from catalog_double import Serve, ensure_ops_database, http_get, serving
-from tcp_proxy import TcpProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(90)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
