@@ -270,9 +270,10 @@ def summary(scenario: str, tally: Tally, recovery: float | None, found: list[str
 
 @contextlib.asynccontextmanager
 async def catalog_for(org: str) -> AsyncIterator[RunningCatalog]:
-    """The Catalog double on a port of this directory, knowing the load's variants of `org`."""
+    """The Catalog double on a port of this directory, knowing the load's variants of `org` (and the one
+    orders placed through events use)."""
     async with catalog_double(free_port(AUX_PORTS)) as catalog:
-        for v in VARIANTS:
+        for v in (*VARIANTS, EventOrders.VARIANT):
             catalog.double.add(org, v)
         yield catalog
 

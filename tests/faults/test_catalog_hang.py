@@ -28,12 +28,18 @@ import pytest
 from conftest import free_port, running
 from fault_load import (
     AUX_PORTS,
+    EventOrders,
+    EventTap,
     FaultService,
+    broker_side,
     catalog_for,
+    events_env,
     http_get,
     load,
+    ordering,
     readiness,
     scenario_database,
+    settle_events,
     sources,
     summary,
     violations,
@@ -50,25 +56,27 @@ RECOVERY_LIMIT = COOLDOWN + 5.0
 
 @contextlib.asynccontextmanager
 async def hang_service(tmp_path, org: str, degraded: bool,
-                       cooldown: float = COOLDOWN) -> AsyncIterator[tuple[FaultService, object]]:
-    """`inventory serve` validating against a Catalog double, with this test's deadline and breaker."""
+                       cooldown: float = COOLDOWN) -> AsyncIterator[tuple[FaultService, object, EventTap]]:
+    """`inventory serve` validating against a Catalog double, with this test's deadline and breaker,
+    events on."""
     url = await scenario_database("catalog")
-    async with catalog_for(org) as catalog:
-        svc = FaultService(url, tmp_path, extra_env={
+    prefix = f"faults-{uuid.uuid4().hex[:8]}."
+    async with catalog_for(org) as catalog, broker_side(prefix) as tap:
+        svc = FaultService(url, tmp_path, extra_env={**events_env(prefix),
             "CATALOG_GRPC_HOST": "127.0.0.1", "CATALOG_GRPC_PORT": str(catalog.port),
             "INVENTORY_CATALOG_TIMEOUT_SECONDS": str(TIMEOUT), "INVENTORY_BREAKER_FAILURE_THRESHOLD": str(THRESHOLD),
             "INVENTORY_BREAKER_COOLDOWN_SECONDS": str(cooldown), "INVENTORY_CATALOG_CACHE_TTL_SECONDS": "1",
             "INVENTORY_CATALOG_DEGRADED_MODE": "true" if degraded else "false",
             "INVENTORY_HTTP_PORT": str(free_port(AUX_PORTS, {catalog.port}))})
         async with running(svc):
-            yield svc, catalog
+            yield svc, catalog, tap
 
 
 @pytest.fixture(params=[True, False], ids=["degraded-on", "degraded-off"])
-async def setup(request, tmp_path) -> AsyncIterator[tuple[FaultService, object, str, bool]]:
+async def setup(request, tmp_path) -> AsyncIterator[tuple[FaultService, object, str, bool, EventTap]]:
     org = f"catalog-hang-{uuid.uuid4()}"
-    async with hang_service(tmp_path, org, request.param) as (svc, catalog):
-        yield svc, catalog, org, request.param
+    async with hang_service(tmp_path, org, request.param) as (svc, catalog, tap):
+        yield svc, catalog, org, request.param, tap
 
 
 async def breaker_state(svc: FaultService) -> float | None:
@@ -82,9 +90,10 @@ async def breaker_state(svc: FaultService) -> float | None:
 
 
 async def test_a_hanging_catalog_hits_the_deadline_opens_the_breaker_and_degrades_as_configured(setup):
-    svc, catalog, org, degraded = setup
+    svc, catalog, org, degraded, tap = setup
     double = catalog.double
-    async with load(svc.target, org, WORKERS) as run:
+    orders = EventOrders(tap.prefix, org)
+    async with load(svc.target, org, WORKERS) as run, ordering(orders, run.admin):
         tally = run.tally
         assert await breaker_state(svc) == 0
         before = set(tally.received)
@@ -112,6 +121,8 @@ async def test_a_hanging_catalog_hits_the_deadline_opens_the_breaker_and_degrade
         await asyncio.sleep(2)  # load after the hang
         after_refs = set(tally.received) - before - during_refs
     found = await violations(svc.database_url, org, tally)
+    event_found, redelivered, _ = await settle_events(svc.database_url, org, tap, orders, RECOVERY_LIMIT)
+    found += event_found
     ledger = await sources(svc.database_url, org)
     by_phase = {phase: dict(collections.Counter(ledger[r][0] for r in refs)) for phase, refs in (
         ("before", before), ("during", during_refs), ("after", after_refs))}
@@ -125,7 +136,8 @@ async def test_a_hanging_catalog_hits_the_deadline_opens_the_breaker_and_degrade
             breaker_open_after=None if opened_after is None else f"{opened_after:.2f} s",
             catalog_calls_during_hang=catalog_calls, most_calls_hanging_at_once=most_in_flight,
             hanging_after_the_deadline=left_hanging, slowest_receipt=f"{tally.slowest_of['receive'] / 1000:.2f} s",
-            ledger_sources=by_phase, failed_by_operation=dict(failed))
+            ledger_sources=by_phase, failed_by_operation=dict(failed),
+            events_delivered=len(tap.deliveries), redeliveries=redelivered, orders_via_events=len(orders.orders))
     assert not tally.forbidden, tally.forbidden[:5]
     assert opened_after is not None, "the catalog breaker never opened"
     # The deadline: no receipt waited much longer than it; nothing piles up at the Catalog.
@@ -173,7 +185,7 @@ async def test_readiness_checks_do_not_close_a_breaker_that_validation_opened(tm
     health check) must not close the breaker those calls opened, or every validation would wait for the
     deadline again after each readiness poll. Only the breaker's own trial call closes it."""
     org = f"catalog-half-hang-{uuid.uuid4()}"
-    async with hang_service(tmp_path, org, degraded=True, cooldown=30) as (svc, catalog):
+    async with hang_service(tmp_path, org, degraded=True, cooldown=30) as (svc, catalog, _):
         port = int(svc.env()["INVENTORY_HTTP_PORT"])
         async with load(svc.target, org, WORKERS):
             catalog.double.hang(health=False)

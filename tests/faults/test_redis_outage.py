@@ -24,10 +24,16 @@ from fault_load import (
     AUX_PORTS,
     REDIS_HOST,
     REDIS_PORT,
+    EventOrders,
+    EventTap,
     FaultService,
+    broker_side,
     catalog_for,
+    events_env,
     load,
+    ordering,
     scenario_database,
+    settle_events,
     sources,
     summary,
     violations,
@@ -43,19 +49,20 @@ RECOVERY_LIMIT = 10.0
 
 
 @pytest.fixture
-async def setup(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProxy, object, str]]:
+async def setup(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProxy, object, str, EventTap]]:
     org = f"redis-{uuid.uuid4()}"
     url = await scenario_database("redis")
     proxy = TcpProxy(REDIS_HOST, REDIS_PORT, free_port(AUX_PORTS))
     await proxy.up()
-    async with catalog_for(org) as catalog:
+    prefix = f"faults-{uuid.uuid4().hex[:8]}."
+    async with catalog_for(org) as catalog, broker_side(prefix) as tap:
         svc = FaultService(url, tmp_path, extra_env={
             "INVENTORY_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0", "CATALOG_GRPC_HOST": "127.0.0.1",
             "CATALOG_GRPC_PORT": str(catalog.port), "INVENTORY_CATALOG_DEGRADED_MODE": "false",
-            "INVENTORY_BREAKER_COOLDOWN_SECONDS": str(COOLDOWN)})
+            "INVENTORY_BREAKER_COOLDOWN_SECONDS": str(COOLDOWN), **events_env(prefix)})
         try:
             async with running(svc):
-                yield svc, proxy, catalog, org
+                yield svc, proxy, catalog, org, tap
         finally:
             await proxy.down()
 
@@ -72,9 +79,10 @@ async def unknown_variant(admin, org: str, outcomes: collections.Counter[str]) -
 
 
 async def test_redis_outage_fails_no_request_and_validation_goes_on(setup):
-    svc, proxy, catalog, org = setup
+    svc, proxy, catalog, org, tap = setup
     unknown: collections.Counter[str] = collections.Counter()
-    async with load(svc.target, org) as run:
+    orders = EventOrders(tap.prefix, org)
+    async with load(svc.target, org) as run, ordering(orders, run.admin):
         tally = run.tally
         await unknown_variant(run.admin, org, unknown)
         before = set(tally.received)
@@ -93,6 +101,8 @@ async def test_redis_outage_fails_no_request_and_validation_goes_on(setup):
         await asyncio.sleep(COOLDOWN + 3)  # load after the outage
         after_refs = set(tally.received) - before - during_refs
     found = await violations(svc.database_url, org, tally)
+    event_found, redelivered, _ = await settle_events(svc.database_url, org, tap, orders, RECOVERY_LIMIT)
+    found += event_found
     ledger = await sources(svc.database_url, org)
     by_phase = {phase: collections.Counter(ledger[r][0] for r in refs) for phase, refs in (
         ("before", before), ("during", during_refs), ("after", after_refs))}
@@ -103,7 +113,8 @@ async def test_redis_outage_fails_no_request_and_validation_goes_on(setup):
     back = sorted(at for r, (source, at) in ledger.items() if source == "cache" and r in after_refs)
     recovery = back[0] - restored if back else None
     summary("redis-outage", tally, recovery, found, during_outage=during, ledger_sources=by_phase,
-            unknown_variant_receipts=dict(unknown), catalog_calls_during_outage=catalog_calls)
+            unknown_variant_receipts=dict(unknown), catalog_calls_during_outage=catalog_calls,
+            events_delivered=len(tap.deliveries), redeliveries=redelivered, orders_via_events=len(orders.orders))
     assert not tally.forbidden, tally.forbidden[:5]
     assert tally.service_failures() == {}, f"calls failed during a Redis outage: {tally.failures}"
     assert during.get("OK", 0) > 0 and settled, (during, len(settled))
