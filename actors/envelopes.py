@@ -29,6 +29,7 @@ class ShardConfigure:
     dsn: str
     passivate_after: float = 600.0
     timer_granularity: float = 0.02
+    timer_horizon: float = 300.0  # open lines found in Postgres are armed this far ahead, window by window
 
 
 @dataclass(frozen=True, slots=True)

@@ -209,7 +209,8 @@ JOIN reservation_lines l ON l.organization_id = u.o AND l.reservation_id = u.r
 _LOAD_DUE = """
 SELECT extract(epoch FROM min(expires_at))::float8 AS expires_at, organization_id, variant_id
 FROM reservation_lines
-WHERE status = 'active' AND shard_hash % $2 = $1
+WHERE status = 'active' AND expires_at >= to_timestamp($3) AND expires_at < to_timestamp($4)
+  AND shard_hash % $2 = $1
 GROUP BY organization_id, variant_id
 """
 
@@ -376,9 +377,10 @@ class ShardStore:
             recompute_next_expiry(state)
         return list(states.values())
 
-    async def load_due(self) -> list[tuple[float, str, str]]:
-        """(earliest expires_at, org, variant) of every variant of this shard with open TTL lines."""
-        rows = await self._c().fetch(_LOAD_DUE, self.shard_id, self.shard_count)
+    async def load_due(self, since: float, until: float) -> list[tuple[float, str, str]]:
+        """(earliest expires_at in [since, until), org, variant) of every variant of this shard with open
+        TTL lines due then (the range uses the `reservation_lines_due` index)."""
+        rows = await self._c().fetch(_LOAD_DUE, self.shard_id, self.shard_count, since, until)
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def load_priors(self, ids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], PriorReservation]:

@@ -277,3 +277,33 @@ def test_timer_heap_keeps_one_live_timer_per_variant() -> None:
     heap.arm(3.0, "o", "v")
     heap.disarm(("o", "v"))
     assert heap.pop_due(100.0) == [] and heap.earliest() is None
+
+
+async def test_after_a_start_lines_beyond_the_timer_horizon_are_armed_as_it_moves_on(db: asyncpg.Connection) -> None:
+    """A start arms only the open lines due within the horizon (so it does not scan every open line);
+    later ones are armed window by window and still expire on time."""
+    o = org()
+    near, far = variant_in(o, 0, "near"), variant_in(o, 0, "far")
+    first = core()
+    t0 = time.time()
+    try:
+        for v, ttl in ((near, 1.0), (far, 6.0)):
+            await receive(first, o, v, "w1", 5)
+            [r] = await first.process([reserve(o, f"r-{v}", v, 1, ttl)], t0)
+            assert isinstance(r, ReservationResult)
+    finally:
+        await first.stop()
+    c = ShardCore(ShardConfigure(0, SHARDS, DSN, timer_horizon=4.0))
+    c.store.lock_id = BASE_SHARD
+    try:
+        await c.start(t0)
+        armed = c.timers.armed
+        assert (o, near) in armed and (o, far) not in armed  # far is due after t0 + 4
+        await c.process([], t0 + 2.5)  # half the horizon is gone: the next window is armed
+        assert armed[(o, far)] == pytest.approx(t0 + 6.0, abs=0.5)  # (reserve() stamps its own clock)
+        await c.process([], t0 + 6.5)
+        statuses = dict(await db.fetch(
+            "SELECT variant_id, status FROM reservation_lines WHERE organization_id=$1", o))
+        assert statuses == {near: "expired", far: "expired"}
+    finally:
+        await c.stop()
