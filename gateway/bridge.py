@@ -53,7 +53,7 @@ class _Link:
     them while it waits for replies) and watches a pipe that `ActorBridge.call` writes to
     when new work arrives for a shard with room. Built on the transport's own hooks
     (`_tx_to_actor`, `_run_transport`, `set_watch`) of thespian 4.0.1, pinned in
-    pyproject.toml; tests/actors/test_bridge.py covers it against a real actor system.
+    pyproject.toml; every end-to-end and fault test runs through it against real shards.
     """
 
     def __init__(self, ctx: Any) -> None:
@@ -343,40 +343,38 @@ class ActorBridge:
             log.warning("shard %d moved", shard)
             self.addresses[shard] = address
             self.map_updates += 1
-            for batch_id, (s, items, _, _) in list(inflight.items()):
-                if s == shard:
-                    del inflight[batch_id]
-                    busy[shard] -= 1
-                    self._fail(items, f"shard {shard} moved; retry")
+            for batch_id, entry in list(inflight.items()):
+                if entry[0] == shard:
+                    self._drop(inflight, busy, batch_id, f"shard {shard} moved; retry")
 
     def _on_other(self, msg: Any, inflight: dict[int, _Inflight], busy: list[int]) -> None:
         """A PoisonMessage means the shard failed on our batch: fail its callers."""
         poisoned = getattr(msg, "poisonMessage", None)
         if isinstance(poisoned, ShardBatch):
-            entry = inflight.pop(poisoned.batch_id, None)
-            if entry is not None:
-                busy[entry[0]] -= 1
-                self._fail(entry[1], "the shard failed on this batch; retry")
+            self._drop(inflight, busy, poisoned.batch_id, "the shard failed on this batch; retry")
             self._next_map = 0.0
         else:
             log.warning("bridge ignored %r", msg)
 
     def _expire(self, inflight: dict[int, _Inflight], busy: list[int]) -> None:
         now = time.monotonic()
-        for batch_id, (shard, items, sent, tracker) in list(inflight.items()):
+        for batch_id, (shard, _, sent, tracker) in list(inflight.items()):
             if tracker is not None and tracker.failed:
-                del inflight[batch_id]
-                busy[shard] -= 1
                 log.warning("batch %d could not be sent to shard %d: %s", batch_id, shard, tracker.failure)
-                self._fail(items, f"shard {shard} is unreachable; retry")
+                self._drop(inflight, busy, batch_id, f"shard {shard} is unreachable; retry")
                 self._next_map = 0.0
             elif now - sent > self.reply_timeout:
-                del inflight[batch_id]
-                busy[shard] -= 1
                 self.stats.timeouts += 1
                 log.error("shard %d did not answer batch %d in %.0f s", shard, batch_id, self.reply_timeout)
-                self._fail(items, f"shard {shard} did not answer in time; retry")
+                self._drop(inflight, busy, batch_id, f"shard {shard} did not answer in time; retry")
                 self._next_map = 0.0
+
+    def _drop(self, inflight: dict[int, _Inflight], busy: list[int], batch_id: int, why: str) -> None:
+        """Give up on a batch in flight: its shard has room again, its callers get `unavailable`."""
+        entry = inflight.pop(batch_id, None)
+        if entry is not None:
+            busy[entry[0]] -= 1
+            self._fail(entry[1], why)
 
     def _resolve(self, items: list[_Item], replies: list[Reply]) -> None:
         assert self._loop is not None
