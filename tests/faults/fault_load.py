@@ -36,6 +36,7 @@ from conftest import (
     drop_database,
     ensure_database,
     free_port,
+    running,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -661,6 +662,18 @@ class EventOrders:
         finally:
             await conn.close()
         return [o for o in self.orders if o not in shipped]
+
+
+@contextlib.asynccontextmanager
+async def serve_with_events(database_url: str, tmp_path: Path, amqp_url: str = AMQP_URL,
+                            **env: str) -> AsyncIterator[tuple[FaultService, EventTap]]:
+    """`inventory serve` on `database_url` with `env`, events on under names of its own, with the test's
+    consumer of what it publishes."""
+    prefix = f"faults-{uuid.uuid4().hex[:8]}."
+    async with broker_side(prefix) as tap:
+        svc = FaultService(database_url, tmp_path, extra_env={**env, **events_env(prefix, amqp_url)})
+        async with running(svc):
+            yield svc, tap
 
 
 @contextlib.asynccontextmanager

@@ -25,20 +25,19 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import free_port, running
+from conftest import free_port
 from fault_load import (
     AUX_PORTS,
     EventOrders,
     EventTap,
     FaultService,
-    broker_side,
     catalog_for,
-    events_env,
     http_get,
     load,
     ordering,
     readiness,
     scenario_database,
+    serve_with_events,
     settle_events,
     sources,
     summary,
@@ -60,16 +59,13 @@ async def hang_service(tmp_path, org: str, degraded: bool,
     """`inventory serve` validating against a Catalog double, with this test's deadline and breaker,
     events on."""
     url = await scenario_database("catalog")
-    prefix = f"faults-{uuid.uuid4().hex[:8]}."
-    async with catalog_for(org) as catalog, broker_side(prefix) as tap:
-        svc = FaultService(url, tmp_path, extra_env={**events_env(prefix),
-            "CATALOG_GRPC_HOST": "127.0.0.1", "CATALOG_GRPC_PORT": str(catalog.port),
-            "INVENTORY_CATALOG_TIMEOUT_SECONDS": str(TIMEOUT), "INVENTORY_BREAKER_FAILURE_THRESHOLD": str(THRESHOLD),
-            "INVENTORY_BREAKER_COOLDOWN_SECONDS": str(cooldown), "INVENTORY_CATALOG_CACHE_TTL_SECONDS": "1",
-            "INVENTORY_CATALOG_DEGRADED_MODE": "true" if degraded else "false",
-            "INVENTORY_HTTP_PORT": str(free_port(AUX_PORTS, {catalog.port}))})
-        async with running(svc):
-            yield svc, catalog, tap
+    async with catalog_for(org) as catalog, serve_with_events(
+            url, tmp_path, CATALOG_GRPC_HOST="127.0.0.1", CATALOG_GRPC_PORT=str(catalog.port),
+            INVENTORY_CATALOG_TIMEOUT_SECONDS=str(TIMEOUT), INVENTORY_BREAKER_FAILURE_THRESHOLD=str(THRESHOLD),
+            INVENTORY_BREAKER_COOLDOWN_SECONDS=str(cooldown), INVENTORY_CATALOG_CACHE_TTL_SECONDS="1",
+            INVENTORY_CATALOG_DEGRADED_MODE="true" if degraded else "false",
+            INVENTORY_HTTP_PORT=str(free_port(AUX_PORTS, {catalog.port}))) as (svc, tap):
+        yield svc, catalog, tap
 
 
 @pytest.fixture(params=[True, False], ids=["degraded-on", "degraded-off"])

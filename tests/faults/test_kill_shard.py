@@ -21,16 +21,15 @@ from collections.abc import AsyncIterator
 import asyncpg
 import psutil
 import pytest
-from conftest import running, service_pids
+from conftest import service_pids
 from fault_load import (
     EventOrders,
     EventTap,
     FaultService,
-    broker_side,
-    events_env,
     load,
     ordering,
     scenario_database,
+    serve_with_events,
     served_again,
     settle_events,
     summary,
@@ -45,12 +44,8 @@ RECOVERY_LIMIT = 20.0
 
 @pytest.fixture
 async def service(tmp_path) -> AsyncIterator[tuple[FaultService, EventTap]]:
-    url = await scenario_database("kill_shard")
-    prefix = f"faults-{uuid.uuid4().hex[:8]}."
-    async with broker_side(prefix) as tap:
-        svc = FaultService(url, tmp_path, extra_env=events_env(prefix))
-        async with running(svc):
-            yield svc, tap
+    async with serve_with_events(await scenario_database("kill_shard"), tmp_path) as running_service:
+        yield running_service
 
 
 async def shard_pids(svc: FaultService) -> list[int]:

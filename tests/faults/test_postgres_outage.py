@@ -21,17 +21,16 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import free_port, running
+from conftest import free_port
 from fault_load import (
     AUX_PORTS,
     EventOrders,
     EventTap,
     FaultService,
-    broker_side,
-    events_env,
     load,
     ordering,
     scenario_database,
+    serve_with_events,
     settle_events,
     summary,
     via,
@@ -50,15 +49,12 @@ async def proxied_service(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProx
     pg = urlsplit(url)
     proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432, free_port(AUX_PORTS))
     await proxy.up()
-    prefix = f"faults-{uuid.uuid4().hex[:8]}."
-    async with broker_side(prefix) as tap:
-        svc = FaultService(via(url, pg.hostname or "127.0.0.1", pg.port or 5432, proxy.port), tmp_path,
-                           extra_env=events_env(prefix))
-        try:
-            async with running(svc):
-                yield svc, proxy, tap, url
-        finally:
-            await proxy.down()  # idempotent: also when the test left it down
+    try:
+        async with serve_with_events(via(url, pg.hostname or "127.0.0.1", pg.port or 5432, proxy.port),
+                                     tmp_path) as (svc, tap):
+            yield svc, proxy, tap, url
+    finally:
+        await proxy.down()  # idempotent: also when the test left it down
 
 
 async def test_postgres_outage_fails_fast_recovers_and_keeps_the_invariants(proxied_service):

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from conftest import free_port, running
+from conftest import free_port
 from fault_load import (
     AMQP_HOST,
     AMQP_PORT,
@@ -30,12 +30,11 @@ from fault_load import (
     EventOrders,
     EventTap,
     FaultService,
-    broker_side,
-    events_env,
     load,
     ordering,
     outbox_of,
     scenario_database,
+    serve_with_events,
     settle_events,
     summary,
     via,
@@ -53,15 +52,11 @@ async def proxied(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProxy, Event
     url = await scenario_database("rabbitmq")
     proxy = TcpProxy(AMQP_HOST, AMQP_PORT, free_port(AUX_PORTS))
     await proxy.up()
-    prefix = f"faults-{uuid.uuid4().hex[:8]}."
-    async with broker_side(prefix) as tap:
-        svc = FaultService(url, tmp_path, extra_env=events_env(prefix, via(AMQP_URL, AMQP_HOST, AMQP_PORT,
-                                                                           proxy.port)))
-        try:
-            async with running(svc):
-                yield svc, proxy, tap
-        finally:
-            await proxy.down()  # idempotent: also when the test left it down
+    try:
+        async with serve_with_events(url, tmp_path, via(AMQP_URL, AMQP_HOST, AMQP_PORT, proxy.port)) as (svc, tap):
+            yield svc, proxy, tap
+    finally:
+        await proxy.down()  # idempotent: also when the test left it down
 
 
 async def test_rabbitmq_outage_keeps_grpc_working_and_every_event_is_published_once(proxied):

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from conftest import free_port, running
+from conftest import free_port
 from fault_load import (
     AUX_PORTS,
     REDIS_HOST,
@@ -27,12 +27,11 @@ from fault_load import (
     EventOrders,
     EventTap,
     FaultService,
-    broker_side,
     catalog_for,
-    events_env,
     load,
     ordering,
     scenario_database,
+    serve_with_events,
     settle_events,
     sources,
     summary,
@@ -54,17 +53,15 @@ async def setup(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProxy, object,
     url = await scenario_database("redis")
     proxy = TcpProxy(REDIS_HOST, REDIS_PORT, free_port(AUX_PORTS))
     await proxy.up()
-    prefix = f"faults-{uuid.uuid4().hex[:8]}."
-    async with catalog_for(org) as catalog, broker_side(prefix) as tap:
-        svc = FaultService(url, tmp_path, extra_env={
-            "INVENTORY_REDIS_URL": f"redis://127.0.0.1:{proxy.port}/0", "CATALOG_GRPC_HOST": "127.0.0.1",
-            "CATALOG_GRPC_PORT": str(catalog.port), "INVENTORY_CATALOG_DEGRADED_MODE": "false",
-            "INVENTORY_BREAKER_COOLDOWN_SECONDS": str(COOLDOWN), **events_env(prefix)})
-        try:
-            async with running(svc):
-                yield svc, proxy, catalog, org, tap
-        finally:
-            await proxy.down()
+    try:
+        async with catalog_for(org) as catalog, serve_with_events(
+                url, tmp_path, INVENTORY_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0",
+                CATALOG_GRPC_HOST="127.0.0.1", CATALOG_GRPC_PORT=str(catalog.port),
+                INVENTORY_CATALOG_DEGRADED_MODE="false",
+                INVENTORY_BREAKER_COOLDOWN_SECONDS=str(COOLDOWN)) as (svc, tap):
+            yield svc, proxy, catalog, org, tap
+    finally:
+        await proxy.down()
 
 
 async def unknown_variant(admin, org: str, outcomes: collections.Counter[str]) -> None:

@@ -15,17 +15,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
-from conftest import running
 from fault_load import (
     VARIANTS,
     EventOrders,
     EventTap,
     FaultService,
-    broker_side,
-    events_env,
     load,
     ordering,
     scenario_database,
+    serve_with_events,
     settle_events,
     summary,
     violations,
@@ -40,12 +38,8 @@ SETTLE_LIMIT = 20.0
 
 @pytest.fixture
 async def service(tmp_path) -> AsyncIterator[tuple[FaultService, EventTap]]:
-    url = await scenario_database("sigterm")
-    prefix = f"faults-{uuid.uuid4().hex[:8]}."
-    async with broker_side(prefix) as tap:
-        svc = FaultService(url, tmp_path, extra_env=events_env(prefix))
-        async with running(svc):
-            yield svc, tap
+    async with serve_with_events(await scenario_database("sigterm"), tmp_path) as running_service:
+        yield running_service
 
 
 async def test_sigterm_under_load_loses_nothing_acknowledged(service):
