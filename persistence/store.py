@@ -40,7 +40,7 @@ from actors.messages import (
     StockReserved,
     ThresholdCrossed,
 )
-from actors.stock import Line, PriorReservation, StockState, recompute_next_expiry
+from actors.stock import HEAP_FROM, Line, PriorReservation, StockState, recompute_next_expiry
 from persistence import outbox
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id)
@@ -367,12 +367,17 @@ class ShardStore:
                 reserved=0, in_transit=r[5], min_stock=r[6], max_stock=r[7], reorder_point=r[8], status=intern(r[9]),
                 version=r[10], warehouse_active=r[11],
             )
+        lines: dict[StockKey, list[Line]] = {}
         for r in await conn.fetch(_LOAD_LINES, orgs, variants):
-            state = states.get((r[0], r[1], r[2]))
+            key = (r[0], r[1], r[2])
+            state = states.get(key)
             if state is None:
                 continue
-            state.lines[r[3]] = Line(r[3], r[4], r[5], r[6], r[7], confirmed=r[8] == "confirmed")
+            lines.setdefault(key, []).append(Line.of(r[3], r[4], r[5], r[6], r[7], confirmed=r[8] == "confirmed"))
             state.reserved += r[5]
+        for key, found in lines.items():
+            states[key].lines = (tuple(found) if len(found) < HEAP_FROM
+                                 else {ln.reservation_id: ln for ln in found})
         for state in states.values():
             recompute_next_expiry(state)
         return list(states.values())

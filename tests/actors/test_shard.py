@@ -27,7 +27,7 @@ from actors.messages import (
     ReserveStock,
     StockLevelsResult,
 )
-from actors.shard import ShardCore, TimerHeap
+from actors.shard import ShardCore, TimerHeap, states_of
 from persistence.migrate import migrate
 
 DSN = os.environ.get("INVENTORY_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
@@ -210,7 +210,7 @@ async def test_a_retried_reservation_after_release_is_refused_not_redone(db: asy
         [r] = await c.process([cmd], time.time())
         assert isinstance(r, ReservationResult)
         await c.process([ReleaseReservation(o, "r1", (v,))], time.time())
-        c.stocks.clear()  # passivated: the retry must be answered from Postgres
+        c.forget_states()  # as after a failed batch: the retry must be answered from Postgres
         [again] = await c.process([cmd], time.time())
         assert isinstance(again, Rejected) and again.code == "closed"
         assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 0
@@ -229,8 +229,8 @@ async def test_idle_stocks_are_passivated_but_those_with_timers_stay(db: asyncpg
         c._next_passivation = 0.0
         await asyncio.sleep(0.3)
         await c.process([], time.time())
-        assert (o, v1) not in c.stocks
-        assert (o, v2) in c.stocks
+        assert (o, v1) not in c.residents
+        assert states_of(c.residents.get((o, v2)))
         [levels] = await c.process([ReadStock(o, v1)], time.time())
         assert isinstance(levels, StockLevelsResult) and levels.levels[0].on_hand == 5
     finally:
@@ -248,24 +248,24 @@ async def test_a_variant_timer_is_armed_again_after_it_fires_even_when_nothing_w
         for rid, ttl in (("early", 0.3), ("late", 0.8)):
             [r] = await c.process([reserve(o, rid, v, 1, ttl)], t0)
             assert isinstance(r, ReservationResult)
-        armed = c.timers.armed  # (other tests' open lines in this database have timers of their own)
-        assert armed[(o, v)] == pytest.approx(t0 + 0.3, abs=0.05)
+        armed = c.timers.armed_at  # (other tests' open lines in this database have timers of their own)
+        assert armed((o, v)) == pytest.approx(t0 + 0.3, abs=0.05)
         [r] = await c.process([ConfirmReservation(o, "early", (v,))], t0 + 0.1)
         assert not isinstance(r, Rejected), r
         await c.process([], t0 + 0.4)  # the variant's timer fires: nothing is overdue
-        assert armed[(o, v)] == pytest.approx(t0 + 0.8, abs=0.05)
+        assert armed((o, v)) == pytest.approx(t0 + 0.8, abs=0.05)
         assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 2
         await c.process([], t0 + 0.9)  # fires again: "late" expires
         assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 1
         statuses = dict(await db.fetch("SELECT reservation_id, status FROM reservation_lines WHERE organization_id=$1", o))
         assert statuses == {"early": "confirmed", "late": "expired"}
-        assert (o, v) not in armed
+        assert armed((o, v)) is None
     finally:
         await c.stop()
 
 
 def test_timer_heap_keeps_one_live_timer_per_variant() -> None:
-    heap = TimerHeap()
+    heap = TimerHeap({})
     heap.arm(10.0, "o", "v")
     heap.arm(12.0, "o", "v")  # later than the live one: nothing changes
     heap.arm(5.0, "o", "v")  # earlier: the 10.0 entry goes stale
@@ -297,10 +297,10 @@ async def test_after_a_start_lines_beyond_the_timer_horizon_are_armed_as_it_move
     c.store.lock_id = BASE_SHARD
     try:
         await c.start(t0)
-        armed = c.timers.armed
-        assert (o, near) in armed and (o, far) not in armed  # far is due after t0 + 4
+        armed = c.timers.armed_at
+        assert armed((o, near)) is not None and armed((o, far)) is None  # far is due after t0 + 4
         await c.process([], t0 + 2.5)  # half the horizon is gone: the next window is armed
-        assert armed[(o, far)] == pytest.approx(t0 + 6.0, abs=0.5)  # (reserve() stamps its own clock)
+        assert armed((o, far)) == pytest.approx(t0 + 6.0, abs=0.5)  # (reserve() stamps its own clock)
         await c.process([], t0 + 6.5)
         statuses = dict(await db.fetch(
             "SELECT variant_id, status FROM reservation_lines WHERE organization_id=$1", o))

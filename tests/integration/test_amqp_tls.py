@@ -179,9 +179,10 @@ async def test_the_service_consumes_and_publishes_over_amqps_and_verifies_the_br
             finally:
                 await db.close()
 
-            async def initialized() -> list[dict[str, Any]]:  # published through TLS by the relay
-                return [e for e in published if e["event"] == "inventory.stock.initialized"
+            async def initialized() -> list[dict[str, Any]] | None:  # published through TLS by the relay
+                seen = [e for e in published if e["event"] == "inventory.stock.initialized"
                         and e["organization_id"] == org]
+                return seen or None  # (an empty list would end the wait at once)
 
             (event,) = await eventually(initialized, timeout=20, what="inventory.stock.initialized published")
             assert event["data"]["variant_id"] == "v1"

@@ -13,18 +13,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.messages import ReservationConfirmed, ReservationExpired, ReservationReleased, StockReserved
-from actors.stock import HEAP_FROM, Line, StockState, apply, overdue_lines, recompute_next_expiry
+from actors.stock import (
+    HEAP_FROM,
+    Line,
+    StockState,
+    apply,
+    get_line,
+    open_lines,
+    overdue_lines,
+    recompute_next_expiry,
+)
 
 T0 = 1_800_000_000.0
 
 
 def scanned(state: StockState, now: float) -> list[str]:
-    lines = [ln for ln in state.lines.values() if not ln.confirmed and ln.expires_at <= now]
+    lines = [ln for ln in open_lines(state) if not ln.confirmed and ln.expires_at <= now]
     return [ln.reservation_id for ln in sorted(lines, key=lambda x: (x.expires_at, x.reservation_id))]
 
 
 def earliest(state: StockState) -> float:
-    return min((ln.expires_at for ln in state.lines.values() if not ln.confirmed), default=math.inf)
+    return min((ln.expires_at for ln in open_lines(state) if not ln.confirmed), default=math.inf)
 
 
 # an operation: (kind, reservation number, seconds after T0)
@@ -38,7 +47,7 @@ def test_overdue_lines_and_the_next_expiry_agree_with_a_scan(operations: list[tu
     state = StockState("o", "v", "w")
     for kind, n, dt in operations:
         rid = f"r{n}"
-        line = state.lines.get(rid)
+        line = get_line(state, rid)
         if kind == "reserve" and line is None:
             apply(state, StockReserved(rid, "order", 1, T0 + dt, "h"))
         elif kind == "confirm" and line is not None and not line.confirmed:
@@ -58,18 +67,18 @@ def test_overdue_lines_and_the_next_expiry_agree_with_a_scan(operations: list[tu
     end = T0 + 1_000  # every TTL is over: expiring what is overdue leaves only confirmed lines
     for ln in overdue_lines(state, end):
         apply(state, ReservationExpired(ln.reservation_id, ln.order_id, ln.quantity, ln.expires_at))
-    assert all(ln.confirmed for ln in state.lines.values())
+    assert all(ln.confirmed for ln in open_lines(state))
     recompute_next_expiry(state)
     assert state.next_expiry == math.inf
     if len(state.lines) >= HEAP_FROM:
-        assert state.expiry_heap is not None
+        assert state.expiry_heap is not None and isinstance(state.lines, dict)
 
 
 def test_a_stock_activated_with_many_lines_builds_its_heap() -> None:
     state = StockState("o", "v", "w")
-    for i in range(HEAP_FROM * 2):
-        # as ShardStore.load_variants does: lines put in directly, then the bound recomputed
-        state.lines[f"r{i}"] = Line(f"r{i}", "order", 1, T0 + i, "h")
+    # as ShardStore.load_variants does: lines put in directly (a dict from HEAP_FROM on), then
+    # the bound recomputed
+    state.lines = {f"r{i}": Line.of(f"r{i}", "order", 1, T0 + i, "h") for i in range(HEAP_FROM * 2)}
     recompute_next_expiry(state)
     assert state.expiry_heap is not None and state.next_expiry == T0
     assert [ln.reservation_id for ln in overdue_lines(state, T0 + 2)] == ["r0", "r1", "r2"]

@@ -57,7 +57,10 @@ from actors.stock import (
     choose_warehouse,
     decide,
     evolve,
+    get_line,
     level,
+    line_ids,
+    open_lines,
     replay,
 )
 
@@ -145,7 +148,7 @@ def test_reserving_within_available_succeeds_and_emits_stock_reserved() -> None:
         ((ORG, V, "w1"), StockReserved("r1", "order-of-r1", 4, T0 + TTL, repr(((V, "", 4),))))
     ]
     assert (shard.stock("w1").on_hand, shard.stock("w1").reserved) == (10, 4)
-    assert shard.stock("w1").lines["r1"].quantity == 4
+    assert get_line(shard.stock("w1"), "r1").quantity == 4
 
 
 def test_reserving_exactly_the_available_quantity_succeeds() -> None:
@@ -167,7 +170,7 @@ def test_reserving_more_than_available_is_rejected_as_insufficient_stock() -> No
     assert reply.shortages == (Shortage(V, "w1", 7, 6),)
     assert of_type(decision, StockReserved) == []
     assert shard.stock("w1").reserved == 4
-    assert "r2" not in shard.stock("w1").lines
+    assert get_line(shard.stock("w1"), "r2") is None
 
 
 def test_a_rejected_reservation_emits_no_events_at_all_when_nothing_expired() -> None:
@@ -437,7 +440,7 @@ def test_an_overdue_line_is_expired_first_by_the_next_command_touching_the_stock
     assert isinstance(events(decision)[0], ReservationExpired)
     assert events(decision)[0] == ReservationExpired("r1", "order-of-r1", 5, T0 + 10)
     assert isinstance(events(decision)[1], StockReserved)
-    assert list(shard.stock("w1").lines) == ["r2"]
+    assert line_ids(shard.stock("w1")) == ["r2"]
     assert shard.stock("w1").reserved == 5
 
 
@@ -502,7 +505,7 @@ def test_a_confirmed_line_never_expires() -> None:
     shard = ShardFake(stock("w1", 5))
     shard.send(reserve("r1", (V, "", 3), expires_at=T0 + 10))
     shard.send(ConfirmReservation(ORG, "r1", (V,)), T0 + 5)
-    assert shard.stock("w1").lines["r1"].confirmed
+    assert get_line(shard.stock("w1"), "r1").confirmed
     decision = shard.send(ExpireReservation(ORG, "r1", V), T0 + 1e9)
     assert decision.events == [] and decision.reply == DoneResult(changed=False)
     assert read(shard, T0 + 1e9) == {"w1": (5, 3, 2)}
@@ -516,7 +519,7 @@ def test_expire_reservation_expires_the_overdue_lines_of_the_variant() -> None:
     decision = shard.send(ExpireReservation(ORG, "r1", V), T0 + 25)
     assert decision.reply == DoneResult(changed=True)
     assert sorted(e.reservation_id for e in of_type(decision, ReservationExpired)) == ["r1", "r2"]
-    assert list(shard.stock("w2").lines) == ["r3"]
+    assert line_ids(shard.stock("w2")) == ["r3"]
 
 
 def test_expire_reservation_with_nothing_overdue_changes_nothing() -> None:
@@ -546,7 +549,7 @@ def test_releasing_returns_the_reserved_quantity_to_available() -> None:
     decision = shard.send(ReleaseReservation(ORG, "r1", (V,), reason="customer"))
     assert events(decision) == [ReservationReleased("r1", 3, "customer")]
     assert decision.reply == DoneResult(changed=True)
-    assert shard.stock("w1").available == 5 and shard.stock("w1").lines == {}
+    assert shard.stock("w1").available == 5 and line_ids(shard.stock("w1")) == []
 
 
 def test_releasing_twice_changes_nothing_the_second_time() -> None:
@@ -595,7 +598,7 @@ def test_confirming_removes_the_ttl_and_keeps_the_quantity_reserved() -> None:
     decision = shard.send(ConfirmReservation(ORG, "r1", (V,)))
     assert events(decision) == [ReservationConfirmed("r1", 3)]
     assert decision.reply == DoneResult(changed=True)
-    assert shard.stock("w1").reserved == 3 and shard.stock("w1").lines["r1"].confirmed
+    assert shard.stock("w1").reserved == 3 and get_line(shard.stock("w1"), "r1").confirmed
 
 
 def test_confirming_twice_changes_nothing_the_second_time() -> None:
@@ -621,7 +624,7 @@ def test_shipping_deducts_on_hand_and_reserved() -> None:
     assert isinstance(decision.reply, DoneResult) and decision.reply.changed
     assert decision.reply.levels == (level(shard.stock("w1")),)
     assert (shard.stock("w1").on_hand, shard.stock("w1").reserved, shard.stock("w1").available) == (7, 2, 5)
-    assert list(shard.stock("w1").lines) == ["r2"]
+    assert line_ids(shard.stock("w1")) == ["r2"]
 
 
 def test_shipping_a_confirmed_reservation_deducts_it() -> None:
@@ -1006,7 +1009,7 @@ def test_set_warehouse_active_is_left_to_the_shard() -> None:
 def test_deciding_never_mutates_the_states_it_is_given() -> None:
     shard = ShardFake(stock("w1", 10), stock("w2", 3))
     shard.send(reserve("r1", (V, "w1", 2), expires_at=T0 + 5))
-    frozen = {k: msgspec.structs.asdict(s) | {"lines": dict(s.lines)} for k, s in shard.states.items()}
+    frozen = {k: msgspec.structs.asdict(s) | {"lines": list(open_lines(s))} for k, s in shard.states.items()}
     for command in (
         reserve("r2", (V, "", 4)),
         ReleaseReservation(ORG, "r1", (V,)),
@@ -1018,15 +1021,15 @@ def test_deciding_never_mutates_the_states_it_is_given() -> None:
     ):
         decide(shard.states, command, T0 + 10)
         assert {
-            k: msgspec.structs.asdict(s) | {"lines": dict(s.lines)} for k, s in shard.states.items()
+            k: msgspec.structs.asdict(s) | {"lines": list(open_lines(s))} for k, s in shard.states.items()
         } == frozen
 
 
 def test_evolve_returns_a_new_state_and_leaves_the_old_one_alone() -> None:
     old = stock("w1", 5)
     new = evolve(old, StockReserved("r1", "o", 2, T0, "h"))
-    assert (old.reserved, old.version, old.lines) == (0, 0, {})
-    assert (new.reserved, new.version, list(new.lines)) == (2, 1, ["r1"])
+    assert (old.reserved, old.version, line_ids(old)) == (0, 0, [])
+    assert (new.reserved, new.version, line_ids(new)) == (2, 1, ["r1"])
     assert new.next_expiry == T0
 
 
@@ -1039,7 +1042,7 @@ def test_replay_rebuilds_a_state_from_its_events_without_touching_the_initial_st
     shard.send(ShipReservation(ORG, "r1", (V,)), T0 + 3)
     rebuilt = replay(initial, [e for _, e in shard.log])
     assert msgspec.structs.asdict(rebuilt) == msgspec.structs.asdict(shard.stock("w1"))
-    assert initial.version == 0 and initial.lines == {}
+    assert initial.version == 0 and line_ids(initial) == []
 
 
 # ---------------------------------------------------------------- known bugs
@@ -1049,7 +1052,7 @@ def test_two_lines_of_one_variant_in_one_warehouse_keep_reserved_equal_to_the_op
     shard = ShardFake(stock("w1", 10))
     decision = shard.send(reserve("r1", (V, "", 3), (V, "", 3)))
     state = shard.stock("w1")
-    assert state.reserved == sum(line.quantity for line in state.lines.values())
+    assert state.reserved == sum(line.quantity for line in open_lines(state))
     if isinstance(decision.reply, ReservationResult):
         shard.send(ReleaseReservation(ORG, "r1", (V,)))
         assert shard.stock("w1").reserved == 0

@@ -63,6 +63,7 @@ from actors.stock import (
     decide,
     evolve,
     level,
+    open_lines,
     replay,
 )
 
@@ -306,7 +307,7 @@ def simulate(scenario: Scenario) -> Trace:
 
 
 def _open_quantity(state: StockState) -> int:
-    return sum(line.quantity for line in state.lines.values())
+    return sum(line.quantity for line in open_lines(state))
 
 
 def _conditions(state: StockState | None, available: int | None = None) -> dict[str, bool]:
@@ -432,7 +433,7 @@ def test_no_overdue_line_survives_a_command_that_touches_the_whole_variant(scena
         ):
             for state in record.after.values():
                 overdue = [
-                    ln for ln in state.lines.values() if not ln.confirmed and ln.expires_at <= record.now
+                    ln for ln in open_lines(state) if not ln.confirmed and ln.expires_at <= record.now
                 ]
                 assert overdue == [], (command, state)
 
@@ -448,7 +449,7 @@ def test_reading_stock_never_counts_an_overdue_line(scenario: Scenario) -> None:
         for lv in reply.levels:
             before = record.before[(lv.organization_id, lv.variant_id, lv.warehouse_id)]
             live = sum(
-                ln.quantity for ln in before.lines.values() if ln.confirmed or ln.expires_at > record.now
+                ln.quantity for ln in open_lines(before) if ln.confirmed or ln.expires_at > record.now
             )
             assert lv.reserved == live and lv.available == lv.on_hand - live
 
