@@ -227,8 +227,9 @@ class ShardCore:
         finds in Postgres (after a start) come through here. Loading them by window keeps a start
         from scanning every open line of every shard (5 s at 2,000,000 open lines, and growing)."""
         until = now + self.cfg.timer_horizon
-        for expires_at, org, variant in await self.store.load_due(self.armed_until, until):
-            self.timers.arm(expires_at, intern(org), intern(variant))
+        timers = self.timers
+        await self.store.load_due(self.armed_until, until,
+                                  lambda expires_at, org, variant: timers.arm(expires_at, intern(org), intern(variant)))
         self.armed_until = until
 
     async def ensure_started(self, now: float | None = None) -> None:

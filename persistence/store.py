@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from sys import intern
@@ -214,6 +214,8 @@ WHERE status = 'active' AND expires_at >= to_timestamp($3) AND expires_at < to_t
 GROUP BY organization_id, variant_id
 """
 
+_DUE_CHUNK = 20_000
+
 _LOAD_REPLIES = """
 SELECT i.organization_id, i.key, i.reply
 FROM unnest($1::text[], $2::text[]) AS u(o, k)
@@ -382,11 +384,20 @@ class ShardStore:
             recompute_next_expiry(state)
         return list(states.values())
 
-    async def load_due(self, since: float, until: float) -> list[tuple[float, str, str]]:
-        """(earliest expires_at in [since, until), org, variant) of every variant of this shard with open
-        TTL lines due then (the range uses the `reservation_lines_due` index)."""
-        rows = await self._c().fetch(_LOAD_DUE, self.shard_id, self.shard_count, since, until)
-        return [(r[0], r[1], r[2]) for r in rows]
+    async def load_due(self, since: float, until: float, arm: Callable[[float, str, str], None]) -> int:
+        """Call `arm(earliest expires_at in [since, until), org, variant)` for every variant of this
+        shard with open TTL lines due then (the range uses the `reservation_lines_due` index); returns
+        how many. Read through a cursor, a chunk at a time: a start with a million variants due
+        would otherwise hold every row twice at once (asyncpg's records and their tuples)."""
+        conn = self._c()
+        count = 0
+        async with conn.transaction(readonly=True):
+            cursor = await conn.cursor(_LOAD_DUE, self.shard_id, self.shard_count, since, until)
+            while rows := await cursor.fetch(_DUE_CHUNK):
+                for r in rows:
+                    arm(r[0], r[1], r[2])
+                count += len(rows)
+        return count
 
     async def load_priors(self, ids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], PriorReservation]:
         """What is remembered of reservations not open in memory (closed, or never made)."""
