@@ -627,7 +627,8 @@ def mode_memory(run: Run) -> tuple[list[str], list[dict[str, Any]]]:
         probes.append(("traced", {"shard_id": 0, "shard_count": a.memory_trace_fraction, "tracemalloc": True}))
     res: dict[str, dict[str, Any]] = {}
     for name, extra in probes:
-        spec = {"dsn": dsn, "lock_id": 424_242, "chunk": a.memory_chunk, "sample": a.memory_sample, **extra}
+        spec = {"dsn": dsn, "lock_id": 424_242, "chunk": a.memory_chunk, "sample": a.memory_sample,
+                "timer_horizon": 2 * 86_400.0 if a.memory_timers else 300.0, **extra}
         child = procs.Child(f"memory-probe-{name}", [PY, str(BENCH / "memory_probe.py"), json.dumps(spec)], None,
                             run.log_dir)
         run.children.append(child)
@@ -1001,6 +1002,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--memory-lines", type=int, default=2, help="open reservations per stock (memory and coldstart)")
     m.add_argument("--memory-chunk", type=int, default=1000, help="variants per activation batch")
     m.add_argument("--memory-sample", type=int, default=20_000, help="variants in the getsizeof accounting")
+    m.add_argument("--memory-timers", action=argparse.BooleanOptionalAction, default=True,
+                   help="the probe's shard arms a timer for every stock (its timer horizon covers the seeded "
+                        "reservations, due in a day); --no-memory-timers: the 300 s default, no timer in memory")
     m.add_argument("--memory-trace-fraction", type=int, default=50,
                    help="tracemalloc run on a shard owning 1/N of the keys (0: skip)")
     c = p.add_argument_group("coldstart")

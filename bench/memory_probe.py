@@ -5,7 +5,9 @@ on stderr and one `RESULT {json}` line on stdout. Steps, with RSS (from /proc/se
 after each:
 
 1. `ShardCore(ShardConfigure(...))`, the garbage-collector thresholds the shard actor sets;
-2. `core.start()`: connect, take the shard lock, `load_due` re-arms a timer per open line;
+2. `core.start()`: connect, take the shard lock, `load_due` arms a timer per variant with open
+   lines due within the timer horizon (the spec's; `bench/cluster.py memory` makes it cover the
+   seeded reservations, due in a day, unless --no-memory-timers);
 3. activation of every stock of the shard through `core.process([ReadStock...])` batches
    (the same code path as a batch from the gateway: `_activate` loads the variants and
    their open lines in one query per batch; nothing is written);
@@ -78,7 +80,10 @@ class Sizer:
 
 def account(core: Any, sample_size: int, seed: int = 1) -> dict[str, Any]:
     """Bytes per resident stock by (where, type), from a random sample of variants."""
-    variants = list(core.stocks)
+    from actors.shard import states_of
+    from actors.stock import open_lines
+
+    variants = list(core.residents)
     rng = random.Random(seed)
     sample = rng.sample(variants, min(sample_size, len(variants)))
     sample_set = set(sample)
@@ -86,41 +91,39 @@ def account(core: Any, sample_size: int, seed: int = 1) -> dict[str, Any]:
     stocks_in_sample = 0
     lines_in_sample = 0
     for vk in sample:
-        by_wh = core.stocks[vk]
-        # the key tuple of ShardCore.stocks, and the same key's entry in last_used
-        s.add("ShardCore.stocks key (org, variant)", vk)
-        s.add("ShardCore.stocks value {warehouse: StockState}", by_wh, deep=False)
-        for wh, state in by_wh.items():
+        resident = core.residents[vk]
+        s.add("ShardCore.residents key (org, variant)", vk)
+        s.add("Resident struct (states, last_used, armed)", resident, deep=False)
+        s.add("Resident.last_used / armed floats", resident.last_used)
+        s.add("Resident.last_used / armed floats", resident.armed)
+        if isinstance(resident.states, tuple):
+            s.add("Resident.states tuple (variants in 2+ warehouses)", resident.states, deep=False)
+        for state in states_of(resident):
             stocks_in_sample += 1
-            s.add("ShardCore.stocks value {warehouse: StockState}", wh)
             s.add("StockState struct", state, deep=False)
             for f in state.__struct_fields__:
                 if f == "lines":
                     continue
                 s.add("StockState fields (ids, status, numbers)", getattr(state, f))
-            s.add("StockState.lines dict", state.lines, deep=False)
-            for rid, line in state.lines.items():
+            s.add("StockState.lines container", state.lines, deep=False)
+            for line in open_lines(state):
                 lines_in_sample += 1
-                s.add("StockState.lines keys (reservation ids)", rid)
                 s.add("Line struct", line, deep=False)
                 for f in line.__struct_fields__:
-                    s.add("Line fields (ids, hash, expires_at)", getattr(line, f))
-        s.add("ShardCore.last_used entry (key, time)", core.last_used.get(vk))
-    # last_used keys: look the sampled ones up by equality (its key objects may differ from stocks')
-    for key in core.last_used:
-        if key in sample_set:
-            s.add("ShardCore.last_used entry (key, time)", key)
+                    s.add("Line fields (ref string, expires_at)", getattr(line, f))
+            if isinstance(state.lines, dict):
+                for rid in state.lines:
+                    s.add("Line dict keys (stocks of 64+ lines)", rid)
     timers_in_sample = 0
     for entry in core.timers.heap:
         if (entry[1], entry[2]) in sample_set:
             timers_in_sample += 1
-            s.add("TimerHeap entries (expires_at, org, variant, rid)", entry)
-    # the hash tables / arrays of the big containers, shared out per stock
-    n_var = max(1, len(core.stocks))
+            s.add("TimerHeap entries (expires_at, org, variant)", entry)
+    # the hash table / array of the big containers, shared out per stock
+    stocks_total = max(1, sum(len(states_of(r)) for r in core.residents.values()))
     containers = {
-        "ShardCore.stocks hash table": sys.getsizeof(core.stocks) / n_var,
-        "ShardCore.last_used hash table": sys.getsizeof(core.last_used) / n_var,
-        "TimerHeap list array": sys.getsizeof(core.timers.heap) / n_var,
+        "ShardCore.residents hash table": sys.getsizeof(core.residents) / stocks_total,
+        "TimerHeap list array": sys.getsizeof(core.timers.heap) / stocks_total,
     }
     per_stock: dict[str, float] = {}
     rows = []
@@ -129,9 +132,8 @@ def account(core: Any, sample_size: int, seed: int = 1) -> dict[str, Any]:
         rows.append({"where": where, "type": typ, "bytes_per_stock": per, "objects_per_stock": nobj / max(1, stocks_in_sample)})
         per_stock[where] = per_stock.get(where, 0.0) + per
     for name, per in containers.items():
-        rows.append({"where": name, "type": "table", "bytes_per_stock": per * len(core.stocks) / max(1, sum(
-            len(v) for v in core.stocks.values())), "objects_per_stock": 0.0})
-        per_stock[name] = rows[-1]["bytes_per_stock"]
+        rows.append({"where": name, "type": "table", "bytes_per_stock": per, "objects_per_stock": 0.0})
+        per_stock[name] = per
     rows.sort(key=lambda r: -r["bytes_per_stock"])
     return {
         "sample_variants": len(sample), "sample_stocks": stocks_in_sample, "sample_lines": lines_in_sample,
@@ -162,7 +164,7 @@ async def main_async(spec: dict[str, Any]) -> dict[str, Any]:
     await conn.close()
     gc.collect()
     core = ShardCore(ShardConfigure(spec["shard_id"], spec["shard_count"], spec["dsn"],
-                                    passivate_after=10 * 24 * 3600.0))
+                                    passivate_after=10 * 24 * 3600.0, timer_horizon=spec["timer_horizon"]))
     core.store.lock_id = spec["lock_id"]
     out["rss_base"] = rss()
     t = time.monotonic()
@@ -188,9 +190,11 @@ async def main_async(spec: dict[str, Any]) -> dict[str, Any]:
     out["rss_after_activation"] = rss()
     gc.collect()
     out["rss_after_gc"] = rss()
-    out["variants"] = len(core.stocks)
-    out["stocks"] = sum(len(v) for v in core.stocks.values())
-    out["lines"] = sum(len(s.lines) for v in core.stocks.values() for s in v.values())
+    from actors.shard import states_of
+
+    out["variants"] = len(core.residents)
+    out["stocks"] = sum(len(states_of(r)) for r in core.residents.values())
+    out["lines"] = sum(len(s.lines) for r in core.residents.values() for s in states_of(r))
     out["timers_after_activation"] = len(core.timers)
     say(f"{out['stocks']:,} stocks with {out['lines']:,} open lines resident after {out['activate_seconds']:.1f} s;"
         f" RSS {out['rss_after_gc'] / 2**20:.0f} MiB; timer heap {out['timers_after_activation']:,} entries")

@@ -98,6 +98,8 @@ async def seed_lines(dsn: str, org: str, lines_per_stock: int, expires_sql: str,
     and `n` (the number of lines), e.g. "now() + interval '1 day'" or
     "to_timestamp(1764316800 + 60.0 * k / n)". The stocks' `reserved` must already count them
     (seed_stocks(reserved=lines_per_stock)), or `bump_reserved` adds them. Returns (lines, seconds).
+    The ids are as long as the service's: reservation and order ids are uuids (36 characters), the
+    items hash 24 hex digits (resident memory grows with them).
     """
     t = time.monotonic()
     conn = await asyncpg.connect(dsn)
@@ -112,9 +114,9 @@ async def seed_lines(dsn: str, org: str, lines_per_stock: int, expires_sql: str,
             await conn.execute(f"""
                 INSERT INTO reservation_lines (reservation_id, organization_id, variant_id, warehouse_id, shard_hash,
                                                order_id, quantity, expires_at, items_hash, status)
-                SELECT rid, organization_id, variant_id, warehouse_id, shard_hash, rid, 1, {expires_sql}, 'seed',
-                       'active'
-                FROM (SELECT 'seed-' || s.variant_id || '-' || g AS rid, s.organization_id, s.variant_id,
+                SELECT md5('r/' || tag)::uuid::text, organization_id, variant_id, warehouse_id, shard_hash,
+                       md5('o/' || tag)::uuid::text, 1, {expires_sql}, left(md5('h/' || tag), 24), 'active'
+                FROM (SELECT s.variant_id || '/' || g AS tag, s.organization_id, s.variant_id,
                              s.warehouse_id, s.shard_hash,
                              (row_number() OVER (ORDER BY {order_by}) - 1)::float8 AS k, $2::float8 AS n
                       FROM stocks s, generate_series(1, $3) AS g
@@ -124,7 +126,8 @@ async def seed_lines(dsn: str, org: str, lines_per_stock: int, expires_sql: str,
                 INSERT INTO reservations (reservation_id, organization_id, order_id, items_hash, expires_at,
                                           status, open_lines)
                 SELECT reservation_id, organization_id, order_id, items_hash, expires_at, 'active', 1
-                FROM reservation_lines WHERE organization_id = $1 AND items_hash = 'seed' AND variant_id LIKE $2
+                FROM reservation_lines WHERE organization_id = $1 AND variant_id LIKE $2
+                ON CONFLICT (organization_id, reservation_id) DO NOTHING
                 """, org, like)
         await conn.execute("ANALYZE reservation_lines")
         await conn.execute("ANALYZE reservations")
