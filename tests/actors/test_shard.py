@@ -307,3 +307,44 @@ async def test_after_a_start_lines_beyond_the_timer_horizon_are_armed_as_it_move
         assert statuses == {near: "expired", far: "expired"}
     finally:
         await c.stop()
+
+
+async def test_after_memory_is_dropped_an_armed_timer_still_expires_its_lines(db: asyncpg.Connection) -> None:
+    """A failed batch drops every stock from memory (`forget_states`); the variants' armed timers
+    must stay, fire, activate the stock from Postgres and expire what is due."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        t0 = time.time()
+        [r] = await c.process([reserve(o, "short", v, 2, 0.3)], t0)
+        assert isinstance(r, ReservationResult)
+        c.forget_states()
+        assert c.residents[(o, v)].states is None and c.timers.armed_at((o, v)) is not None
+        await c.process([], t0 + 0.5)
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 0
+        assert await db.fetchval("SELECT status FROM reservation_lines WHERE organization_id=$1", o) == "expired"
+        assert c.timers.armed_at((o, v)) is None and len(states_of(c.residents[(o, v)])) == 1
+    finally:
+        await c.stop()
+
+
+async def test_a_variant_keeps_every_warehouse_stock_it_gains_in_memory(db: asyncpg.Connection) -> None:
+    """One resident stock is kept bare, two or more as a tuple: a stock created in a later batch
+    joins the ones already resident, and a reservation can use either."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 2)
+        assert [s.warehouse_id for s in states_of(c.residents[(o, v)])] == ["w1"]
+        await receive(c, o, v, "w2", 7)
+        await receive(c, o, v, "w3", 1)
+        assert sorted(s.warehouse_id for s in states_of(c.residents[(o, v)])) == ["w1", "w2", "w3"]
+        [r] = await c.process([reserve(o, "big", v, 6, 60)], time.time())
+        assert isinstance(r, ReservationResult) and [ln.warehouse_id for ln in r.lines] == ["w2"]
+        c.forget_states()  # reloaded from Postgres: the same three stocks
+        [levels] = await c.process([ReadStock(o, v)], time.time())
+        assert isinstance(levels, StockLevelsResult)
+        assert sorted((lv.warehouse_id, lv.reserved) for lv in levels.levels) == [("w1", 0), ("w2", 6), ("w3", 0)]
+    finally:
+        await c.stop()
