@@ -869,8 +869,8 @@ async def expiry_facts(dsn: str) -> dict[str, Any]:
 
     conn = await asyncpg.connect(dsn)
     try:
-        # a join, not a correlated subquery: movements_reference is a partial index (reference_id <> '')
-        # that a parameterized reference_id = r.reservation_id cannot use
+        # a join, not a correlated subquery: no index covers the reference of an expire movement
+        # (migration 005 keeps reference_id indexed for shipped transfers only)
         rows = await conn.fetch("""
             WITH m AS (SELECT reference_id, extract(epoch FROM min(occurred_at))::float8 AS at FROM movements
                        WHERE organization_id = $1 AND type = 'expire' GROUP BY reference_id)
