@@ -430,10 +430,8 @@ class ShardCore:
             return
         self._next_passivation = now + max(self.cfg.passivate_after / 10, 1.0)
         cutoff = now - self.cfg.passivate_after
-        for vk in [vk for vk, r in self.residents.items() if r.last_used < cutoff]:
+        for vk in [vk for vk, r in self.residents.items() if r.last_used < cutoff and r.states is not None]:
             resident = self.residents[vk]
-            if resident.states is None and resident.armed != math.inf:
-                continue  # known only by its timer: it is activated when the timer fires
             if any(not ln.confirmed for s in states_of(resident) for ln in open_lines(s)):
                 continue
             self.timers.disarm(vk)

@@ -96,6 +96,8 @@ class Line(msgspec.Struct, frozen=True, array_like=True, gc=False):
     @classmethod
     def of(cls, reservation_id: str, order_id: str, quantity: int, expires_at: float, items_hash: str,
            confirmed: bool = False) -> Line:
+        if REF_SEP in reservation_id or REF_SEP in items_hash:
+            raise ValueError("a reservation id or items hash holds the line separator")
         return cls(REF_SEP.join((reservation_id, order_id, items_hash)), quantity, expires_at, confirmed)
 
     @property
@@ -171,6 +173,8 @@ def get_line(state: StockState, reservation_id: str) -> Line | None:
     lines = state.lines
     if isinstance(lines, dict):
         return lines.get(reservation_id)
+    if REF_SEP in reservation_id:
+        return None  # no line's id holds it (Line.of): never a prefix match into its order id
     prefix = reservation_id + REF_SEP
     for line in lines:
         if line.ref.startswith(prefix):
@@ -201,7 +205,7 @@ def _pop_line(state: StockState, reservation_id: str) -> None:
     lines = state.lines
     if isinstance(lines, dict):
         lines.pop(reservation_id, None)
-    else:
+    elif REF_SEP not in reservation_id:
         prefix = reservation_id + REF_SEP
         state.lines = tuple(ln for ln in lines if not ln.ref.startswith(prefix))
 
@@ -247,8 +251,9 @@ def apply(state: StockState, event: Event) -> None:
         state.on_hand -= event.quantity
     elif isinstance(event, ReservationConfirmed):
         line = get_line(state, event.reservation_id)
-        if line is not None:
-            _put_line(state, msgspec.structs.replace(line, confirmed=True))
+        if line is None:  # decide confirms only open lines: a broken invariant, fail the batch
+            raise KeyError(f"confirmed line {event.reservation_id} is not open")
+        _put_line(state, msgspec.structs.replace(line, confirmed=True))
     elif isinstance(event, StockMoved):
         state.on_hand += event.on_hand_delta
         state.in_transit += event.in_transit_delta

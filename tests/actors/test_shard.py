@@ -309,9 +309,10 @@ async def test_after_a_start_lines_beyond_the_timer_horizon_are_armed_as_it_move
         await c.stop()
 
 
-async def test_after_memory_is_dropped_an_armed_timer_still_expires_its_lines(db: asyncpg.Connection) -> None:
-    """A failed batch drops every stock from memory (`forget_states`); the variants' armed timers
-    must stay, fire, activate the stock from Postgres and expire what is due."""
+async def test_after_a_failed_batch_drops_memory_due_lines_still_expire(db: asyncpg.Connection) -> None:
+    """What a failed batch does (`process`): close the store and drop every stock from memory
+    (`forget_states`, which keeps the armed timers). The next batch starts the shard again, which
+    re-arms from Postgres, activates the stock and expires what is due."""
     c, o = core(), org()
     v = variant_in(o, 0)
     try:
@@ -319,6 +320,7 @@ async def test_after_memory_is_dropped_an_armed_timer_still_expires_its_lines(db
         t0 = time.time()
         [r] = await c.process([reserve(o, "short", v, 2, 0.3)], t0)
         assert isinstance(r, ReservationResult)
+        await c.store.close()
         c.forget_states()
         assert c.residents[(o, v)].states is None and c.timers.armed_at((o, v)) is not None
         await c.process([], t0 + 0.5)
