@@ -72,6 +72,7 @@ from actors.stock import (
     open_lines,
     recompute_next_expiry,
 )
+from actors.transport import use_poll_selector
 from persistence.store import BatchWrite, ShardLockHeld, ShardStore, StaleVersion, build_write
 
 log = logging.getLogger("inventory.shard")
@@ -476,6 +477,7 @@ class StockShard(ActorTypeDispatcher):
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
+        use_poll_selector()  # (already so when forked from a node process: see actors/transport.py)
         self.core: ShardCore | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.armed_at = 0.0

@@ -21,6 +21,7 @@ from typing import Any
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
 from actors.envelopes import ClusterStart, ShardMap, ShardMapRequest
+from actors.transport import use_poll_selector
 
 log = logging.getLogger("inventory.actors")
 
@@ -49,6 +50,7 @@ class Registrar(ActorTypeDispatcher):
 
 def join(admin_port: int) -> ActorSystem:
     """Join (or, if none runs on that port, start) the actor system."""
+    use_poll_selector()
     return ActorSystem(SYSTEM_BASE, capabilities={"Admin Port": admin_port},
                        logDefs=thespian_logging())
 
@@ -105,6 +107,7 @@ def run_node(node: str, admin_port: int, leader: str, dsn: str, shard_count: int
         signal.signal(sig, lambda *_: stop.set())
     leader_port = int(leader.rsplit(":", 1)[1])
     is_leader = leader_port == admin_port
+    use_poll_selector()  # inherited by the actor processes Thespian forks from here
     asys = ActorSystem(SYSTEM_BASE, capabilities=node_capabilities(node, admin_port, leader),
                        logDefs=thespian_logging())
     try:
