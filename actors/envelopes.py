@@ -30,6 +30,7 @@ class ShardConfigure:
     passivate_after: float = 600.0
     timer_granularity: float = 0.02
     timer_horizon: float = 300.0  # open lines found in Postgres are armed this far ahead, window by window
+    merge_window: float = 0.002  # with 2+ gateways sending work: batches arriving this close share a commit
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class ShardStatus:
     commands: int = 0
     commits: int = 0
     commit_seconds: float = 0.0  # summed: rate(commit_seconds) / rate(commits) is the mean commit latency
+    merged_batches: int = 0  # gateway batches decided and committed together with another gateway's
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +71,4 @@ class ClusterStart:
     dsn: str
     shard_count: int
     passivate_after: float = 600.0
+    merge_window: float = 0.002

@@ -150,7 +150,7 @@ class ClusterRegistrar(ActorTypeDispatcher):
         assert self.cfg is not None
         slot.retry_at = 0.0
         self.send(slot.address, ShardConfigure(slot.shard_id, self.cfg.shard_count, self.cfg.dsn,
-                                               self.cfg.passivate_after))
+                                               self.cfg.passivate_after, merge_window=self.cfg.merge_window))
 
     def _replace(self, shard_id: int, why: str, target: str | None = None) -> None:
         old = self.slots[shard_id]

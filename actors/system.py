@@ -92,7 +92,7 @@ def node_capabilities(node: str, admin_port: int, leader: str) -> dict[str, Any]
 
 
 def run_node(node: str, admin_port: int, leader: str, dsn: str, shard_count: int,
-             ready_file: str | None = None, passivate_after: float = 600.0) -> int:
+             ready_file: str | None = None, passivate_after: float = 600.0, merge_window: float = 0.002) -> int:
     """`inventory actors --node NAME --admin-port P --leader HOST:PORT`: one node of a convention.
 
     The leader (its own admin port is the leader's) runs the cluster registrar, which places
@@ -115,7 +115,7 @@ def run_node(node: str, admin_port: int, leader: str, dsn: str, shard_count: int
             from actors.registrar import ClusterRegistrar
 
             registrar = asys.createActor(ClusterRegistrar, globalName=REGISTRAR_NAME)
-            answer = asys.ask(registrar, ClusterStart(node, dsn, shard_count, passivate_after), 30)
+            answer = asys.ask(registrar, ClusterStart(node, dsn, shard_count, passivate_after, merge_window), 30)
             if not isinstance(answer, ShardMap):
                 raise RuntimeError("the cluster registrar did not answer")
             fetch_shard_map(asys, timeout=120)

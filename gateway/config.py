@@ -83,6 +83,7 @@ class Settings:
     max_message_bytes: int = 4 * 1024 * 1024
     data_dir: Path = Path(".data")
     passivate_after_seconds: float = 600.0
+    shard_merge_ms: float = 2.0
     max_inflight_per_shard: int = 1
     max_batch: int = 512
     shard_reply_timeout: float = 30.0
@@ -130,6 +131,7 @@ class Settings:
             default_ttl_minutes=_int(e, "INVENTORY_DEFAULT_TTL_MINUTES", 15, 1, 24 * 60),
             data_dir=Path(e.get("INVENTORY_DATA_DIR", ".data") or ".data"),
             passivate_after_seconds=_float(e, "INVENTORY_PASSIVATE_AFTER_SECONDS", 600.0),
+            shard_merge_ms=_float(e, "INVENTORY_SHARD_MERGE_MS", 2.0),
             max_inflight_per_shard=_int(e, "INVENTORY_MAX_INFLIGHT_PER_SHARD", 1, 1, 16),
             max_batch=_int(e, "INVENTORY_MAX_BATCH", 512, 1, 10_000),
             shard_reply_timeout=_float(e, "INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS", 30.0),

@@ -162,7 +162,7 @@ class SnapshotCollector(Collector):
         self.validator: VariantValidator | None = None
         self.bridge: ActorBridge | None = None
         # shard -> (batches, commands, commits, commit seconds) from its ShardStatus
-        self.shard_totals: dict[int, tuple[int, int, int, float]] = {}
+        self.shard_totals: dict[int, tuple[int, int, int, float, int]] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -200,13 +200,18 @@ class SnapshotCollector(Collector):
         commit = SummaryMetricFamily("inventory_shard_commit_seconds",
                                      "Time a shard spends committing a batch's transaction (its ShardStatus)",
                                      labels=["shard"])
-        for shard, (b, c, n, seconds) in sorted(self.shard_totals.items()):
+        merged = CounterMetricFamily(
+            "inventory_shard_merged_batches",
+            "Gateway batches a shard committed together with another gateway's (its ShardStatus)", labels=["shard"])
+        for shard, (b, c, n, seconds, m) in sorted(self.shard_totals.items()):
             batches.add_metric([str(shard)], b)
             commands.add_metric([str(shard)], c)
             commit.add_metric([str(shard)], count_value=n, sum_value=seconds)
+            merged.add_metric([str(shard)], m)
         yield batches
         yield commands
         yield commit
+        yield merged
 
 
 class MeasuredBridge(ActorBridge):

@@ -32,6 +32,7 @@ from conftest import (
     free_port,
 )
 
+from actors.keys import reservation_id
 from persistence.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +73,10 @@ if what == "second-copy":
     res = asys.ask(shard, ShardBatch(1, encode_batch([])), 20)
     asys.tell(shard, __import__("thespian.actors").actors.ActorExitRequest())
     print(repr((st.ready, st.error)))
+elif what == "merged-batches":
+    from actors.envelopes import ShardStatusRequest
+    from actors.system import fetch_shard_map
+    print(repr(sum(asys.ask(a, ShardStatusRequest(), 10).merged_batches for a in fetch_shard_map(asys).addresses)))
 else:
     print(repr(asys.ask(reg, what, 10)))
 """
@@ -423,4 +428,28 @@ async def test_several_gateways_serve_the_same_cluster(cluster: Cluster) -> None
         again = await one.reserve(f"order-{variants[0]}", (variants[0], 2))
         assert again.reservation_id
         assert (await two.level(variants[0], "north")).reserved == 2
-    assert await check_consistency(org) == {"active": len(variants)}
+
+        # Both gateways at once on one stock: its shard sees two gateways sending work and merges
+        # their batches into shared commits. Every caller must get the answer to its own order,
+        # and no unit may be reserved twice (48 available, 2 x 40 orders of 1).
+        hot = variants[1]
+        await one.receive(hot, "north", 45)
+
+        async def order(shop: Shop, order_id: str) -> tuple[str, bool, str]:
+            try:
+                reply = await shop.reserve(order_id, (hot, 1))
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+                return order_id, False, ""
+            return order_id, reply.success, reply.reservation_id
+
+        won = []
+        for round_ in range(2):  # 40 orders each: the second finds 48 - 40 = 8 units left
+            results = await asyncio.gather(*(order(one if n % 2 else two, f"burst-{round_}-{n}") for n in range(40)))
+            won.append([r for r in results if r[1]])
+        assert [len(w) for w in won] == [40, 8]
+        assert all(rid == reservation_id(org, oid) for oid, _, rid in won[0] + won[1])  # each caller's own
+        level = await two.level(hot, "north")
+        assert (level.on_hand, level.reserved) == (50, 50)
+        assert await cluster.ask("merged-batches") > 0  # the shared commits happened
+    assert await check_consistency(org) == {"active": len(variants) + 48}
