@@ -528,7 +528,8 @@ class StockShard(ActorTypeDispatcher):
         self.waiting.append((msg.batch_id, sender, commands))
         if len(self.waiting) == 1:
             self.waiting_since = now
-            self.wakeupAfter(timedelta(seconds=window), payload=_MERGE)
+            # (never under a millisecond: Thespian's TCP base can drop such a wakeup, see `_arm`)
+            self.wakeupAfter(timedelta(seconds=max(window, 0.001)), payload=_MERGE)
         elif now - self.waiting_since > 10 * window:
             self._flush_waiting()  # the window's wakeup is late (or was lost): do not wait on it
 
