@@ -56,6 +56,10 @@ from actors.messages import (
     Rejected,
     ReleaseReservation,
     Reply,
+    ReservationAborted,
+    ReservationExpired,
+    ReservationReleased,
+    ReservationShipped,
     ReserveStock,
     SetWarehouseActive,
     ShipReservation,
@@ -79,6 +83,7 @@ from persistence.store import BatchWrite, ShardLockHeld, ShardStore, StaleVersio
 log = logging.getLogger("inventory.shard")
 
 VariantKey = tuple[str, str]
+_CLOSING = (ReservationAborted, ReservationExpired, ReservationReleased, ReservationShipped)
 _reply_codec = msgspec.msgpack
 
 
@@ -258,7 +263,13 @@ class ShardCore:
         due = self.timers.pop_due(now)
         internal: list[Command] = [ExpireReservation(org, "", variant) for _, org, variant in due]
         try:
-            replies = await self._run(internal + commands, now, [(org, variant) for _, org, variant in due])
+            pending = internal + commands
+            fired: Sequence[VariantKey] = [(org, variant) for _, org, variant in due]
+            replies = []
+            while pending:  # in one pass unless a reservation is asked for again after it closed here
+                part, done = await self._run(pending, now, fired)
+                replies += part
+                pending, fired = pending[done:], ()
         except Exception as e:  # noqa: BLE001 - any failure: the batch is answered unavailable, memory dropped
             for entry in due:
                 self.timers.arm(*entry)
@@ -275,7 +286,14 @@ class ShardCore:
         self._maybe_passivate(now)
         return replies[len(internal):]
 
-    async def _run(self, commands: list[Command], now: float, fired: Sequence[VariantKey] = ()) -> list[Reply]:
+    async def _run(self, commands: list[Command], now: float,
+                   fired: Sequence[VariantKey] = ()) -> tuple[list[Reply], int]:
+        """Decide, commit and swap in a prefix of `commands`; returns its replies and its length.
+
+        The prefix ends before a ReserveStock of a reservation that an earlier command of it
+        released, expired, shipped or aborted: what Postgres remembers of a closed reservation
+        (its prior, loaded before deciding) must include that close, as it would had the retry
+        come in a later batch. The rest is then run again after this commit."""
         await self._activate(commands, now)
         priors = await self._priors(commands)
         stored = await self._stored_replies(commands)
@@ -286,7 +304,12 @@ class ShardCore:
         events: list[tuple[StockKey, Event]] = []
         replies: list[Reply] = []
         reply_rows: list[tuple[str, str, bytes]] = []
-        for cmd in commands:
+        closed_here: set[tuple[str, str]] = set()  # (organization, reservation) closed by this prefix
+        done = len(commands)
+        for i, cmd in enumerate(commands):
+            if isinstance(cmd, ReserveStock) and (cmd.organization_id, cmd.reservation_id) in closed_here:
+                done = i
+                break
             if isinstance(cmd, SetWarehouseActive):
                 replies.append(self._set_warehouse_active(cmd))
                 continue
@@ -313,6 +336,8 @@ class ShardCore:
                     if committed is None:
                         created.setdefault((key[0], key[1]), []).append(key)
                 apply(state, event)
+                if isinstance(event, _CLOSING):
+                    closed_here.add((key[0], event.reservation_id))
             events.extend(decision.events)
             replies.append(decision.reply)
             if ikey and not isinstance(decision.reply, Rejected):
@@ -326,7 +351,7 @@ class ShardCore:
             self.commits += 1
             self.commit_seconds += time.perf_counter() - started
         self._swap_in(working, created, fired)
-        return replies
+        return replies, done
 
     def _view(self, cmd: Command, working: dict[StockKey, StockState],
               created: dict[VariantKey, list[StockKey]]) -> dict[StockKey, StockState]:
@@ -547,8 +572,9 @@ class StockShard(ActorTypeDispatcher):
     def _flush(self, items: list[tuple[int, Any, list[Command]]]) -> None:
         """Decide and commit the commands of these batches as one batch; answer each sender its part."""
         commands = [cmd for _, _, cmds in items for cmd in cmds]
-        if len(items) > 1:
-            self.merged_batches += len(items)
+        with_work = sum(1 for _, _, cmds in items if cmds)  # (idle gateways' empty ticks do not count)
+        if with_work > 1:
+            self.merged_batches += with_work
         try:
             if self.core is None or self.loop is None:
                 replies: list[Reply] = [Rejected("unavailable", "shard not configured")] * len(commands)

@@ -18,6 +18,7 @@ from actors.envelopes import ShardConfigure
 from actors.keys import shard_of
 from actors.messages import (
     ConfirmReservation,
+    DoneResult,
     ReadStock,
     RecordMovement,
     Rejected,
@@ -348,5 +349,29 @@ async def test_a_variant_keeps_every_warehouse_stock_it_gains_in_memory(db: asyn
         [levels] = await c.process([ReadStock(o, v)], time.time())
         assert isinstance(levels, StockLevelsResult)
         assert sorted((lv.warehouse_id, lv.reserved) for lv in levels.levels) == [("w1", 0), ("w2", 6), ("w3", 0)]
+    finally:
+        await c.stop()
+
+
+async def test_a_reservation_retried_in_the_batch_that_closed_it_is_refused_as_in_a_later_one(
+        db: asyncpg.Connection) -> None:
+    """A release and a retried ReserveStock of the same order in one batch (two gateways' batches
+    merged, or one gateway's): the retry must be refused `closed`, as when it comes a batch later,
+    not open the released reservation again."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        cmd = reserve(o, "r1", v, 2, 60)
+        [first] = await c.process([cmd], time.time())
+        assert isinstance(first, ReservationResult)
+        released, again, other = await c.process(
+            [ReleaseReservation(o, "r1", (v,)), cmd, reserve(o, "r2", v, 1, 60)], time.time())
+        assert isinstance(released, DoneResult) and released.changed
+        assert isinstance(again, Rejected) and again.code == "closed", again
+        assert isinstance(other, ReservationResult)  # the rest of the batch still served
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 1
+        statuses = dict(await db.fetch("SELECT reservation_id, status FROM reservation_lines WHERE organization_id=$1", o))
+        assert statuses == {"r1": "released", "r2": "active"}
     finally:
         await c.stop()
