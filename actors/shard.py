@@ -588,7 +588,10 @@ class StockShard(ActorTypeDispatcher):
         for batch_id, sender, cmds in items:
             part = replies[start:start + len(cmds)]
             start += len(cmds)
-            self.send(sender, ShardBatchResult(batch_id, encode_replies(part), shard_id))
+            try:  # one batch's failure to encode or send must not leave the others unanswered
+                self.send(sender, ShardBatchResult(batch_id, encode_replies(part), shard_id))
+            except Exception:  # that gateway times the batch out; its callers retry
+                log.exception("shard %s could not answer batch %d", shard_id, batch_id)
         self._arm()
 
     def receiveMsg_ShardStatusRequest(self, msg: ShardStatusRequest, sender: Any) -> None:
