@@ -4,11 +4,15 @@ RabbitMQ for one service under test, without touching the machine's own servers.
 from __future__ import annotations
 
 import asyncio
+from typing import Self
 
 
 class TcpProxy:
     """127.0.0.1:<port> -> target; `down()` refuses new connections and cuts the open ones, `up()` listens again
-    (on the same port: the first `up()` picks a free one when `port` is 0)."""
+    (on the same port: the first `up()` picks a free one when `port` is 0).
+
+    `async with TcpProxy(...) as proxy:` brings it up and takes it down at the end (also when the
+    test left it down)."""
 
     def __init__(self, target_host: str, target_port: int, port: int = 0) -> None:
         self.target = (target_host, target_port)
@@ -29,6 +33,13 @@ class TcpProxy:
         self._writers.clear()
         if server is not None:
             await server.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        await self.up()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.down()  # idempotent
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

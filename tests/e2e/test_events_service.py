@@ -304,24 +304,21 @@ async def svc(broker: AbstractRobustConnection, tmp_path_factory: pytest.TempPat
             await conn.execute(f'CREATE DATABASE "{DATABASE}"')
     finally:
         await conn.close()
-    proxy = TcpProxy(AMQP_HOST, AMQP_PORT)
-    await proxy.up()
-    service = EventsService(proxy, tmp_path_factory.mktemp("events"))
-    try:
-        await service.start(broker)
-        yield service
-    finally:
+    async with TcpProxy(AMQP_HOST, AMQP_PORT) as proxy:
+        service = EventsService(proxy, tmp_path_factory.mktemp("events"))
         try:
-            if service.process is not None and service.process.returncode is None:
-                await service.stop()
-        except BaseException:
-            service.kill()
-            raise
+            await service.start(broker)
+            yield service
         finally:
-            with contextlib.suppress(Exception):
-                await service.delete_topology(broker)
-            if proxy._server is not None:
-                await proxy.down()
+            try:
+                if service.process is not None and service.process.returncode is None:
+                    await service.stop()
+            except BaseException:
+                service.kill()
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    await service.delete_topology(broker)
 
 
 @pytest.fixture

@@ -47,14 +47,9 @@ RECOVERY_LIMIT = 30.0
 async def proxied_service(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProxy, EventTap, str]]:
     url = await scenario_database("postgres")
     pg = urlsplit(url)
-    proxy = TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432, free_port(AUX_PORTS))
-    await proxy.up()
-    try:
-        async with serve_with_events(via(url, pg.hostname or "127.0.0.1", pg.port or 5432, proxy.port),
-                                     tmp_path) as (svc, tap):
-            yield svc, proxy, tap, url
-    finally:
-        await proxy.down()  # idempotent: also when the test left it down
+    async with TcpProxy(pg.hostname or "127.0.0.1", pg.port or 5432, free_port(AUX_PORTS)) as proxy, \
+            serve_with_events(via(url, pg.hostname or "127.0.0.1", pg.port or 5432, proxy.port), tmp_path) as (svc, tap):
+        yield svc, proxy, tap, url
 
 
 async def test_postgres_outage_fails_fast_recovers_and_keeps_the_invariants(proxied_service):

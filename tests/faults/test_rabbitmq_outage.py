@@ -50,13 +50,9 @@ DRAIN_LIMIT = 20.0
 @pytest.fixture
 async def proxied(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProxy, EventTap]]:
     url = await scenario_database("rabbitmq")
-    proxy = TcpProxy(AMQP_HOST, AMQP_PORT, free_port(AUX_PORTS))
-    await proxy.up()
-    try:
-        async with serve_with_events(url, tmp_path, via(AMQP_URL, AMQP_HOST, AMQP_PORT, proxy.port)) as (svc, tap):
-            yield svc, proxy, tap
-    finally:
-        await proxy.down()  # idempotent: also when the test left it down
+    async with TcpProxy(AMQP_HOST, AMQP_PORT, free_port(AUX_PORTS)) as proxy, \
+            serve_with_events(url, tmp_path, via(AMQP_URL, AMQP_HOST, AMQP_PORT, proxy.port)) as (svc, tap):
+        yield svc, proxy, tap
 
 
 async def test_rabbitmq_outage_keeps_grpc_working_and_every_event_is_published_once(proxied):

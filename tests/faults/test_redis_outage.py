@@ -51,17 +51,13 @@ RECOVERY_LIMIT = 10.0
 async def setup(tmp_path) -> AsyncIterator[tuple[FaultService, TcpProxy, object, str, EventTap]]:
     org = f"redis-{uuid.uuid4()}"
     url = await scenario_database("redis")
-    proxy = TcpProxy(REDIS_HOST, REDIS_PORT, free_port(AUX_PORTS))
-    await proxy.up()
-    try:
-        async with catalog_for(org) as catalog, serve_with_events(
+    async with TcpProxy(REDIS_HOST, REDIS_PORT, free_port(AUX_PORTS)) as proxy, catalog_for(org) as catalog, \
+            serve_with_events(
                 url, tmp_path, INVENTORY_REDIS_URL=f"redis://127.0.0.1:{proxy.port}/0",
                 CATALOG_GRPC_HOST="127.0.0.1", CATALOG_GRPC_PORT=str(catalog.port),
                 INVENTORY_CATALOG_DEGRADED_MODE="false",
                 INVENTORY_BREAKER_COOLDOWN_SECONDS=str(COOLDOWN)) as (svc, tap):
-            yield svc, proxy, catalog, org, tap
-    finally:
-        await proxy.down()
+        yield svc, proxy, catalog, org, tap
 
 
 async def unknown_variant(admin, org: str, outcomes: collections.Counter[str]) -> None:

@@ -34,17 +34,12 @@ async def eventually(probe: Callable[[], Awaitable[bool]], timeout: float, what:
 async def proxied_service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Serve, TcpProxy]]:
     url = await ensure_ops_database()
     parts = urlsplit(url)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
-    await proxy.up()
-    through = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username
-                                        else f"127.0.0.1:{proxy.port}"))
-    serve = Serve(through, tmp_path_factory.mktemp("pg-down"))
-    try:
+    async with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        through = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username
+                                            else f"127.0.0.1:{proxy.port}"))
+        serve = Serve(through, tmp_path_factory.mktemp("pg-down"))
         async with serving(serve):
             yield serve, proxy
-    finally:
-        if proxy._server is not None:
-            await proxy.down()
 
 
 async def test_health_is_not_serving_while_postgres_is_unreachable_and_serving_when_back(
