@@ -169,17 +169,23 @@ def open_lines(state: StockState) -> Iterable[Line]:
     return lines.values() if isinstance(lines, dict) else lines
 
 
+def _position(lines: tuple[Line, ...], reservation_id: str) -> int:
+    """Index of the reservation's line in a tuple of lines, -1 if it has none."""
+    if REF_SEP in reservation_id:
+        return -1  # no line's id holds it (Line.of): never a prefix match into its order id
+    prefix = reservation_id + REF_SEP
+    for i, line in enumerate(lines):
+        if line.ref.startswith(prefix):
+            return i
+    return -1
+
+
 def get_line(state: StockState, reservation_id: str) -> Line | None:
     lines = state.lines
     if isinstance(lines, dict):
         return lines.get(reservation_id)
-    if REF_SEP in reservation_id:
-        return None  # no line's id holds it (Line.of): never a prefix match into its order id
-    prefix = reservation_id + REF_SEP
-    for line in lines:
-        if line.ref.startswith(prefix):
-            return line
-    return None
+    i = _position(lines, reservation_id)
+    return lines[i] if i >= 0 else None
 
 
 def line_ids(state: StockState) -> list[str]:
@@ -192,11 +198,10 @@ def _put_line(state: StockState, line: Line) -> None:
     if isinstance(lines, dict):
         lines[line.reservation_id] = line
         return
-    prefix = line.reservation_id + REF_SEP
-    for i, ln in enumerate(lines):
-        if ln.ref.startswith(prefix):
-            state.lines = lines[:i] + (line,) + lines[i + 1:]
-            return
+    i = _position(lines, line.reservation_id)
+    if i >= 0:
+        state.lines = lines[:i] + (line,) + lines[i + 1:]
+        return
     grown = lines + (line,)
     state.lines = {ln.reservation_id: ln for ln in grown} if len(grown) >= HEAP_FROM else grown
 
@@ -205,9 +210,10 @@ def _pop_line(state: StockState, reservation_id: str) -> None:
     lines = state.lines
     if isinstance(lines, dict):
         lines.pop(reservation_id, None)
-    elif REF_SEP not in reservation_id:
-        prefix = reservation_id + REF_SEP
-        state.lines = tuple(ln for ln in lines if not ln.ref.startswith(prefix))
+        return
+    i = _position(lines, reservation_id)
+    if i >= 0:
+        state.lines = lines[:i] + lines[i + 1:]
 
 
 class PriorReservation(msgspec.Struct, frozen=True, gc=False):
