@@ -129,6 +129,15 @@ def states_of(resident: Resident | None) -> tuple[StockState, ...]:
     return states if isinstance(states, tuple) else (states,)
 
 
+def resident_of(residents: dict[VariantKey, Resident], org: str, variant: str) -> Resident:
+    """The variant's resident, created (with interned ids: one string object per id, shared by the
+    key, the states and the timers) when it has none."""
+    resident = residents.get((org, variant))
+    if resident is None:
+        resident = residents[(intern(org), intern(variant))] = Resident()
+    return resident
+
+
 def _with_state(resident: Resident, state: StockState) -> None:
     """Add a stock created in a batch to its variant."""
     have = states_of(resident)
@@ -153,9 +162,7 @@ class TimerHeap:
         self.live = 0
 
     def arm(self, expires_at: float, org: str, variant: str) -> None:
-        resident = self.residents.get((org, variant))
-        if resident is None:
-            resident = self.residents[(org, variant)] = Resident()
+        resident = resident_of(self.residents, org, variant)
         if expires_at < resident.armed:
             if resident.armed == math.inf:
                 self.live += 1
@@ -234,9 +241,7 @@ class ShardCore:
         finds in Postgres (after a start) come through here. Loading them by window keeps a start
         from scanning every open line of every shard (5 s at 2,000,000 open lines, and growing)."""
         until = now + self.cfg.timer_horizon
-        timers = self.timers
-        await self.store.load_due(self.armed_until, until,
-                                  lambda expires_at, org, variant: timers.arm(expires_at, intern(org), intern(variant)))
+        await self.store.load_due(self.armed_until, until, self.timers.arm)
         self.armed_until = until
 
     async def ensure_started(self, now: float | None = None) -> None:
@@ -375,9 +380,7 @@ class ShardCore:
                  fired: Sequence[VariantKey]) -> None:
         """Keep the created stocks; re-arm the timer of every variant changed or whose timer fired."""
         for vk, keys in created.items():
-            resident = self.residents.get(vk)
-            if resident is None:
-                resident = self.residents[(intern(vk[0]), intern(vk[1]))] = Resident(states=())
+            resident = resident_of(self.residents, *vk)
             for key in keys:
                 _with_state(resident, working[key])
         variants = dict.fromkeys(fired)
@@ -397,10 +400,7 @@ class ShardCore:
         need: dict[VariantKey, Resident] = {}
         for cmd in commands:
             for variant in variants_of(cmd):
-                resident = self.residents.get((cmd.organization_id, variant))
-                if resident is None:
-                    # one string object per id, shared by the keys, the states and the timers
-                    resident = self.residents[(intern(cmd.organization_id), intern(variant))] = Resident()
+                resident = resident_of(self.residents, cmd.organization_id, variant)
                 if resident.states is None:
                     need[(cmd.organization_id, variant)] = resident
                 resident.last_used = now
