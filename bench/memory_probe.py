@@ -120,7 +120,7 @@ def account(core: Any, sample_size: int, seed: int = 1) -> dict[str, Any]:
             timers_in_sample += 1
             s.add("TimerHeap entries (expires_at, org, variant)", entry)
     # the hash table / array of the big containers, shared out per stock
-    stocks_total = max(1, sum(len(states_of(r)) for r in core.residents.values()))
+    stocks_total = max(1, core.status().resident_stocks)
     containers = {
         "ShardCore.residents hash table": sys.getsizeof(core.residents) / stocks_total,
         "TimerHeap list array": sys.getsizeof(core.timers.heap) / stocks_total,
@@ -193,7 +193,7 @@ async def main_async(spec: dict[str, Any]) -> dict[str, Any]:
     from actors.shard import states_of
 
     out["variants"] = len(core.residents)
-    out["stocks"] = sum(len(states_of(r)) for r in core.residents.values())
+    out["stocks"] = core.status().resident_stocks
     out["lines"] = sum(len(s.lines) for r in core.residents.values() for s in states_of(r))
     out["timers_after_activation"] = len(core.timers)
     say(f"{out['stocks']:,} stocks with {out['lines']:,} open lines resident after {out['activate_seconds']:.1f} s;"
