@@ -12,6 +12,10 @@ The transport reads only `DefaultSelector`, `EVENT_READ` and `EVENT_WRITE` from 
 they are swapped in its namespace only. A descriptor closed under it is reported by poll as
 readable (POLLNVAL) instead of failing the registration: the transport then fails the read on
 it, which it handles as a closed connection.
+
+Applied where this project creates an actor system (`actors.system.join` in a gateway,
+`run_node` in a node, whose actor processes inherit it when Thespian forks them) and, for a
+shard started otherwise, in `StockShard.__init__`.
 """
 
 from __future__ import annotations

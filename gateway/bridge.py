@@ -34,7 +34,6 @@ from thespian.system.transport import ReceiveEnvelope
 
 from actors.envelopes import ShardBatch, ShardBatchResult, ShardMap, ShardMapRequest
 from actors.messages import Command, Rejected, Reply, decode_replies, encode_batch
-from actors.transport import use_poll_selector
 
 log = logging.getLogger("inventory.bridge")
 
@@ -194,7 +193,6 @@ class ActorBridge:
     # ------------------------------------------------------------ thread side
 
     def _run(self) -> None:
-        use_poll_selector()  # this thread runs a Thespian transport for every batch: see actors/transport.py
         try:
             ctx_manager = self._context_factory()
             ctx = ctx_manager.__enter__()
