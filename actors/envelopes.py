@@ -45,6 +45,7 @@ class ShardStatus:
     commits: int = 0
     commit_seconds: float = 0.0  # summed: rate(commit_seconds) / rate(commits) is the mean commit latency
     merged_batches: int = 0  # gateway batches decided and committed together with another gateway's
+    redecided_batches: int = 0  # batches decided twice: one retried a reservation that had closed
 
 
 @dataclass(frozen=True, slots=True)

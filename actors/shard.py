@@ -69,7 +69,6 @@ from actors.messages import (
     encode_replies,
 )
 from actors.stock import (
-    PriorReservation,
     StockState,
     apply,
     decide,
@@ -78,7 +77,14 @@ from actors.stock import (
     recompute_next_expiry,
 )
 from actors.transport import use_poll_selector
-from persistence.store import BatchWrite, ShardLockHeld, ShardStore, StaleVersion, build_write
+from persistence.store import (
+    BatchWrite,
+    ClosedReservationRetried,
+    ShardLockHeld,
+    ShardStore,
+    StaleVersion,
+    build_write,
+)
 
 log = logging.getLogger("inventory.shard")
 
@@ -218,6 +224,7 @@ class ShardCore:
         self.commands = 0
         self.commits = 0
         self.commit_seconds = 0.0
+        self.redecided = 0  # batches decided again: a closed reservation was retried (see `_run`)
         self._next_passivation = 0.0
         self._loaded_since_freeze = 0
 
@@ -272,7 +279,16 @@ class ShardCore:
             fired: Sequence[VariantKey] = [(org, variant) for _, org, variant in due]
             replies = []
             while pending:  # in one pass unless a reservation is asked for again after it closed here
-                part, done = await self._run(pending, now, fired)
+                try:
+                    part, done = await self._run(pending, now, fired)
+                except ClosedReservationRetried:
+                    # Rare: a ReserveStock retried after its reservation closed, which the first
+                    # pass took for new. Nothing was written; the pass changed states in place.
+                    log.info("shard %s: a closed reservation was asked for again; deciding the batch "
+                             "again with what Postgres remembers of it", self.cfg.shard_id)
+                    self.redecided += 1
+                    self.forget_states()
+                    part, done = await self._run(pending, now, fired, optimistic=False)
                 replies += part
                 pending, fired = pending[done:], ()
         except Exception as e:  # noqa: BLE001 - any failure: the batch is answered unavailable, memory dropped
@@ -291,16 +307,24 @@ class ShardCore:
         self._maybe_passivate(now)
         return replies[len(internal):]
 
-    async def _run(self, commands: list[Command], now: float,
-                   fired: Sequence[VariantKey] = ()) -> tuple[list[Reply], int]:
+    async def _run(self, commands: list[Command], now: float, fired: Sequence[VariantKey] = (),
+                   optimistic: bool = True) -> tuple[list[Reply], int]:
         """Decide, commit and swap in a prefix of `commands`; returns its replies and its length.
+
+        A ReserveStock whose reservation has no line open in memory is new, or a retry of one
+        that closed (its prior: `decide` refuses it, or replays a shipped one). Looking the
+        priors up first was a read before every batch of reservations, and a retry of a closed
+        one is rare. So the first pass (`optimistic`) takes them all for new, and the commit
+        checks that Postgres knows none of them closed, or raises ClosedReservationRetried
+        without writing anything; `process` then runs the batch again with the priors loaded.
 
         The prefix ends before a ReserveStock of a reservation that an earlier command of it
         released, expired, shipped or aborted: what Postgres remembers of a closed reservation
-        (its prior, loaded before deciding) must include that close, as it would had the retry
-        come in a later batch. The rest is then run again after this commit."""
+        must include that close, as it would had the retry come in a later batch. The rest is
+        then run again after this commit."""
         await self._activate(commands, now)
-        priors = await self._priors(commands)
+        unseen = self._unseen(commands)
+        priors = {} if optimistic else await self.store.load_priors(unseen)
         stored = await self._stored_replies(commands)
 
         working: dict[StockKey, StockState] = {}
@@ -350,6 +374,11 @@ class ShardCore:
                 reply_rows.append((cmd.organization_id, ikey, _reply_codec.encode(decision.reply)))
 
         write: BatchWrite = build_write(now, events, before, working, reply_rows)
+        if optimistic and unseen:
+            if write:
+                write.unseen = unseen
+            elif await self.store.load_priors(unseen):  # nothing to commit that could check them
+                raise ClosedReservationRetried("a reservation taken for new is closed")
         if write:
             started = time.perf_counter()
             await self.store.commit(write)
@@ -419,7 +448,8 @@ class ShardCore:
             gc.freeze()  # long-lived entities: keep them out of every future collection
             self._loaded_since_freeze = 0
 
-    async def _priors(self, commands: list[Command]) -> dict[tuple[str, str], PriorReservation]:
+    def _unseen(self, commands: list[Command]) -> list[tuple[str, str]]:
+        """(organization, reservation) of each ReserveStock with no line open in memory."""
         wanted = []
         for cmd in commands:
             if not isinstance(cmd, ReserveStock):
@@ -431,7 +461,7 @@ class ShardCore:
             )
             if not open_here:
                 wanted.append((cmd.organization_id, cmd.reservation_id))
-        return await self.store.load_priors(wanted)
+        return wanted
 
     async def _stored_replies(self, commands: list[Command]) -> dict[tuple[str, str], Reply]:
         keys = [(cmd.organization_id, k) for cmd in commands if (k := idempotency_key(cmd))]
@@ -479,7 +509,7 @@ class ShardCore:
             shard_id=self.cfg.shard_id, ready=self.store.healthy,
             resident_stocks=sum(len(states_of(r)) for r in self.residents.values()),
             pending_timers=len(self.timers), batches=self.batches, commands=self.commands,
-            commits=self.commits, commit_seconds=self.commit_seconds,
+            commits=self.commits, commit_seconds=self.commit_seconds, redecided_batches=self.redecided,
         )
 
 

@@ -333,7 +333,8 @@ class HealthMonitor:
                 m.resident_stocks.labels(label).set(status.resident_stocks)
                 m.pending_timers.labels(label).set(status.pending_timers)
                 m.snapshots.shard_totals[shard] = (status.batches, status.commands, status.commits,
-                                                   status.commit_seconds, status.merged_batches)
+                                                   status.commit_seconds, status.merged_batches,
+                                                   status.redecided_batches)
 
 
 # ---------------------------------------------------------------- HTTP routes

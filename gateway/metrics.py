@@ -162,7 +162,7 @@ class SnapshotCollector(Collector):
         self.validator: VariantValidator | None = None
         self.bridge: ActorBridge | None = None
         # shard -> (batches, commands, commits, commit seconds) from its ShardStatus
-        self.shard_totals: dict[int, tuple[int, int, int, float, int]] = {}
+        self.shard_totals: dict[int, tuple[int, int, int, float, int, int]] = {}
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -203,15 +203,21 @@ class SnapshotCollector(Collector):
         merged = CounterMetricFamily(
             "inventory_shard_merged_batches",
             "Gateway batches a shard committed together with another gateway's (its ShardStatus)", labels=["shard"])
-        for shard, (b, c, n, seconds, m) in sorted(self.shard_totals.items()):
+        redecided = CounterMetricFamily(
+            "inventory_shard_redecided_batches",
+            "Batches a shard decided twice because one retried a reservation that had closed (its ShardStatus)",
+            labels=["shard"])
+        for shard, (b, c, n, seconds, m, r) in sorted(self.shard_totals.items()):
             batches.add_metric([str(shard)], b)
             commands.add_metric([str(shard)], c)
             commit.add_metric([str(shard)], count_value=n, sum_value=seconds)
             merged.add_metric([str(shard)], m)
+            redecided.add_metric([str(shard)], r)
         yield batches
         yield commands
         yield commit
         yield merged
+        yield redecided
 
 
 class MeasuredBridge(ActorBridge):

@@ -219,6 +219,56 @@ async def test_a_retried_reservation_after_release_is_refused_not_redone(db: asy
         await c.stop()
 
 
+async def test_new_reservations_are_checked_against_closed_ones_in_their_commit(db: asyncpg.Connection) -> None:
+    """A batch takes reservations it has no open line of for new, without a read first; its
+    commit finds the one that had closed, and the batch is decided again: that retry is
+    refused, the rest of the batch served, and Postgres holds exactly the batch's effect."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        retried = reserve(o, "r1", v, 2, 60)
+        [first] = await c.process([retried], time.time())
+        assert isinstance(first, ReservationResult)
+        [fresh] = await c.process([reserve(o, "r2", v, 1, 60)], time.time())  # no prior: decided once
+        assert isinstance(fresh, ReservationResult) and c.redecided == 0
+        await c.process([ReleaseReservation(o, "r1", (v,))], time.time())
+        c.forget_states()
+        new, again, other = await c.process([reserve(o, "r3", v, 1, 60), retried, reserve(o, "r4", v, 1, 60)],
+                                            time.time())
+        assert c.redecided == 1
+        assert isinstance(again, Rejected) and again.code == "closed", again
+        assert isinstance(new, ReservationResult) and isinstance(other, ReservationResult)
+        row = await db.fetchrow("SELECT reserved, version FROM stocks WHERE organization_id=$1", o)
+        assert row["reserved"] == 3  # r2, r3, r4
+        statuses = dict(await db.fetch("SELECT reservation_id, status FROM reservation_lines WHERE organization_id=$1", o))
+        assert statuses == {"r1": "released", "r2": "active", "r3": "active", "r4": "active"}
+        assert c.status().redecided_batches == 1
+    finally:
+        await c.stop()
+
+
+async def test_a_closed_reservation_retried_when_stock_is_short_is_refused_closed(db: asyncpg.Connection) -> None:
+    """Taken for new, the retry would be refused for want of stock and write nothing: the
+    shard must then look its prior up, and answer `closed` as before."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        retried = reserve(o, "r1", v, 5, 60)
+        [first] = await c.process([retried], time.time())
+        assert isinstance(first, ReservationResult)
+        await c.process([ReleaseReservation(o, "r1", (v,))], time.time())
+        [taken] = await c.process([reserve(o, "r2", v, 5, 60)], time.time())
+        assert isinstance(taken, ReservationResult)
+        c.forget_states()
+        [again] = await c.process([retried], time.time())
+        assert isinstance(again, Rejected) and again.code == "closed", again
+        assert c.redecided == 1
+    finally:
+        await c.stop()
+
+
 async def test_idle_stocks_are_passivated_but_those_with_timers_stay(db: asyncpg.Connection) -> None:
     c, o = core(), org()
     c.cfg = ShardConfigure(0, SHARDS, DSN, passivate_after=0.2)
