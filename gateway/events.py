@@ -65,7 +65,7 @@ log = logging.getLogger("inventory.events")
 
 # ---------------------------------------------------------------- the messages
 
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=flows.MAX_ID_LENGTH, pattern=r"^[^\x00]*\S[^\x00]*$")]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=flows.MAX_ID_LENGTH, pattern=r"^[^\x00]*[^\x00\s][^\x00]*$")]
 OptionalId = Annotated[str, msgspec.Meta(max_length=flows.MAX_ID_LENGTH, pattern=r"^[^\x00]*$")]
 Quantity = Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_QUANTITY)]
