@@ -46,6 +46,7 @@ class ShardStatus:
     commit_seconds: float = 0.0  # summed: rate(commit_seconds) / rate(commits) is the mean commit latency
     merged_batches: int = 0  # gateway batches decided and committed together with another gateway's
     redecided_batches: int = 0  # batches decided twice: one retried a reservation that had closed
+    data_address: str = ""  # host:port of the shard's batch path (actors/datapath.py); "" if none
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class ShardMapRequest:
 class ShardMap:
     shard_count: int
     addresses: tuple[object, ...] = field(default_factory=tuple)
+    data_addresses: tuple[str, ...] = field(default_factory=tuple)  # per shard; "" where unknown
 
 
 @dataclass(frozen=True, slots=True)

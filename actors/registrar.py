@@ -51,6 +51,7 @@ class Slot:
     placed_at: float = 0.0
     last_ok: float = 0.0
     retry_at: float = 0.0
+    data_address: str = ""  # its batch path, from its ShardStatus
 
 
 class ClusterRegistrar(ActorTypeDispatcher):
@@ -89,7 +90,9 @@ class ClusterRegistrar(ActorTypeDispatcher):
     def _map(self) -> ShardMap:
         if self.cfg is None:
             return ShardMap(0, ())
-        return ShardMap(self.cfg.shard_count, tuple(s.address if s and s.ready else None for s in self.slots))
+        ready = [s if s and s.ready else None for s in self.slots]
+        return ShardMap(self.cfg.shard_count, tuple(s.address if s else None for s in ready),
+                        tuple(s.data_address if s else "" for s in ready))
 
     # ------------------------------------------------------------ nodes
 
@@ -173,6 +176,7 @@ class ClusterRegistrar(ActorTypeDispatcher):
             return
         now = time.monotonic()
         slot.last_ok = now
+        slot.data_address = msg.data_address
         if msg.ready:
             if not slot.ready:
                 log.info("shard %d ready on node %s", slot.shard_id, slot.node)

@@ -28,6 +28,7 @@ import gc
 import heapq
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -35,8 +36,9 @@ from sys import intern
 from typing import Any
 
 import msgspec
-from thespian.actors import ActorExitRequest, ActorTypeDispatcher, WakeupMessage
+from thespian.actors import ActorExitRequest, ActorTypeDispatcher, ThespianWatch, WakeupMessage, WatchMessage
 
+from actors.datapath import WILDCARDS, Listener, Peer, frame
 from actors.envelopes import (
     ShardBatch,
     ShardBatchResult,
@@ -554,6 +556,34 @@ class StockShard(ActorTypeDispatcher):
         self.waiting_since = 0.0
         self.senders: dict[str, float] = {}  # gateway address -> when it last sent a non-empty batch
         self.merged_batches = 0
+        self.listener: Listener | None = None  # the batch path's socket (actors/datapath.py)
+
+    def receiveMessage(self, message: Any, sender: Any) -> Any:
+        """Every message is dispatched as usual; afterwards (also after a failure) Thespian
+        watches the batch path's sockets."""
+        try:
+            super().receiveMessage(message, sender)
+        finally:
+            watch = ThespianWatch(self.listener.fds()) if self.listener is not None else None
+        return watch
+
+    def _listen(self) -> None:
+        if self.listener is not None:
+            return
+        try:
+            own = self.myAddress.addressDetails.sockname[0]
+        except AttributeError:  # not a TCP base (unit tests): batches come through Thespian only
+            return
+        host = os.environ.get("INVENTORY_BATCH_HOST", "").strip() or own
+        try:
+            self.listener = Listener(host, advertise=own if host in WILDCARDS else host)
+        except (OSError, ValueError) as e:  # gateways keep sending through Thespian
+            log.error("shard cannot listen for batches on %s: %s", host, e)
+
+    def _status(self) -> ShardStatus:
+        status = self.core.status() if self.core else ShardStatus(-1, False, "not configured")
+        return dataclasses.replace(status, merged_batches=self.merged_batches,
+                                   data_address=self.listener.address if self.listener else "")
 
     def receiveMsg_ShardConfigure(self, msg: ShardConfigure, sender: Any) -> None:
         gc.set_threshold(50_000, 50, 100)
@@ -565,22 +595,44 @@ class StockShard(ActorTypeDispatcher):
         self.core = ShardCore(msg)
         try:
             self.loop.run_until_complete(self.core.start())
-            self.send(sender, self.core.status())
+            self._listen()
+            self.send(sender, self._status())
         except Exception as e:  # noqa: BLE001 - reported to the registrar, which retries
             log.error("shard %s failed to start: %s", msg.shard_id, e)
             self.send(sender, ShardStatus(msg.shard_id, False, f"{type(e).__name__}: {e}"))
         self._arm()
 
     def receiveMsg_ShardBatch(self, msg: ShardBatch, sender: Any) -> None:
-        commands = decode_batch(msg.payload)
+        self._batch(msg.batch_id, decode_batch(msg.payload), sender)
+
+    def receiveMsg_WatchMessage(self, msg: WatchMessage, sender: Any) -> None:
+        """Batches from the batch path's sockets; a peer that sends anything else is dropped."""
+        if self.listener is None:
+            return
+        shard_id = self.core.cfg.shard_id if self.core is not None else None
+        for peer, fields in self.listener.ready(msg.ready):
+            if peer.closed:
+                continue  # it sent something else before: its gateway fails this batch too
+            try:
+                batch_id, payload, to_shard = fields
+                if not isinstance(batch_id, int) or to_shard != shard_id:
+                    raise ValueError(f"batch for shard {to_shard!r}, this is shard {shard_id}")
+                commands = decode_batch(payload)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - its gateway fails its batches in flight and reconnects
+                log.warning("dropping the connection %s: not a batch for this shard (%s)", peer.name, e)
+                peer.close()
+                continue
+            self._batch(batch_id, commands, peer)
+
+    def _batch(self, batch_id: int, commands: list[Command], sender: Any) -> None:
         now = time.monotonic()
         if commands:
-            self.senders[str(sender)] = now
+            self.senders[sender.name if isinstance(sender, Peer) else str(sender)] = now
         window = self.core.cfg.merge_window if self.core is not None else 0.0
         if not self.waiting and (window <= 0 or not self._several_senders(now)):
-            self._flush([(msg.batch_id, sender, commands)])
+            self._flush([(batch_id, sender, commands)])
             return
-        self.waiting.append((msg.batch_id, sender, commands))
+        self.waiting.append((batch_id, sender, commands))
         if len(self.waiting) == 1:
             self.waiting_since = now
             # (never under a millisecond: Thespian's TCP base can drop such a wakeup, see `_arm`)
@@ -601,6 +653,9 @@ class StockShard(ActorTypeDispatcher):
 
     def _flush(self, items: list[tuple[int, Any, list[Command]]]) -> None:
         """Decide and commit the commands of these batches as one batch; answer each sender its part."""
+        # A gateway that closed its connection has failed that batch's callers ("retry"): a
+        # commit now would apply their commands twice.
+        items = [item for item in items if not (isinstance(item[1], Peer) and item[1].closed)]
         commands = [cmd for _, _, cmds in items for cmd in cmds]
         with_work = sum(1 for _, _, cmds in items if cmds)  # (idle gateways' empty ticks do not count)
         if with_work > 1:
@@ -619,7 +674,10 @@ class StockShard(ActorTypeDispatcher):
             part = replies[start:start + len(cmds)]
             start += len(cmds)
             try:  # one batch's failure to encode or send must not leave the others unanswered
-                self.send(sender, ShardBatchResult(batch_id, encode_replies(part), shard_id))
+                if isinstance(sender, Peer):  # (a lost connection: its gateway already failed the batch)
+                    sender.send(frame(batch_id, encode_replies(part), shard_id))
+                else:
+                    self.send(sender, ShardBatchResult(batch_id, encode_replies(part), shard_id))
             except Exception:  # that gateway times the batch out; its callers retry
                 log.exception("shard %s could not answer batch %d", shard_id, batch_id)
         self._arm()
@@ -627,8 +685,7 @@ class StockShard(ActorTypeDispatcher):
     def receiveMsg_ShardStatusRequest(self, msg: ShardStatusRequest, sender: Any) -> None:
         if self.waiting and time.monotonic() - self.waiting_since > 0.5:
             self._flush_waiting()  # the window's wakeup was lost
-        status = self.core.status() if self.core else ShardStatus(-1, False, "not configured")
-        self.send(sender, dataclasses.replace(status, merged_batches=self.merged_batches))
+        self.send(sender, self._status())
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
         if msg.payload == _MERGE:
@@ -645,6 +702,9 @@ class StockShard(ActorTypeDispatcher):
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
         self._flush_waiting()  # answered, not dropped
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
         if self.core is not None and self.loop is not None:
             self.loop.run_until_complete(self.core.stop())
             self.loop.close()

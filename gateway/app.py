@@ -123,7 +123,8 @@ async def start_gateway(settings: Settings) -> Gateway:
     metrics = Metrics()
     bridge = MeasuredBridge(asys.private, shard_map.addresses, max_inflight=settings.max_inflight_per_shard,
                             max_batch=settings.max_batch, reply_timeout=settings.shard_reply_timeout,
-                            registrar=await asyncio.to_thread(registrar_address, asys))
+                            registrar=await asyncio.to_thread(registrar_address, asys),
+                            data_addresses=shard_map.data_addresses, data_path=settings.batch_socket)
     bridge.metrics = metrics
     bridge.start()
     pool = await queries.create_pool(settings.database_url)

@@ -32,15 +32,24 @@ from thespian.actors import WatchMessage
 from thespian.system import isInternalActorSystemMessage
 from thespian.system.transport import ReceiveEnvelope
 
+from actors.datapath import Peer, connect, frame
 from actors.envelopes import ShardBatch, ShardBatchResult, ShardMap, ShardMapRequest
 from actors.messages import Command, Rejected, Reply, decode_replies, encode_batch
 
 log = logging.getLogger("inventory.bridge")
 
 _Item = tuple[Command, "asyncio.Future[Reply]"]
-_Inflight = tuple[int, list[_Item], float, Any]  # shard, callers, sent at, transmit tracker
-_WOKEN = object()
+_Inflight = tuple[int, list[_Item], float, Any]  # shard, callers, sent at, Thespian transmit tracker or Peer
 _MAX_SLEEP = 0.1  # the longest sleep in the transport: reply timeouts are checked this often
+_CONNECT_TIMEOUT = 1.0
+_RECONNECT_FIRST, _RECONNECT_MAX = 1.0, 30.0  # after failed connects (doubling), batches go by Thespian
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """Watched file descriptors that became readable: the wake pipe, batch-path sockets."""
+
+    fds: tuple[int, ...]
 
 
 class _Link:
@@ -68,7 +77,7 @@ class _Link:
         return self.base._tx_to_actor(address, message)
 
     def receive(self, timeout: float) -> object | None:
-        """The next message for this endpoint, `_WOKEN`, or None when `timeout` passes first."""
+        """The next message for this endpoint, `_Ready`, or None when `timeout` passes first."""
         deadline = time.monotonic() + timeout
         while True:
             envelope = self.base._run_transport(timedelta(seconds=max(0.0, deadline - time.monotonic())))
@@ -76,16 +85,20 @@ class _Link:
                 return None  # timed out, or a failed transmit aborted the run
             message = envelope.message
             if isinstance(message, WatchMessage):
-                try:
-                    while os.read(self.wake_read, 512):
+                if self.wake_read in message.ready:
+                    try:
+                        while os.read(self.wake_read, 512):
+                            pass
+                    except BlockingIOError:
                         pass
-                except BlockingIOError:
-                    pass
-                return _WOKEN
+                return _Ready(tuple(message.ready))
             if not isInternalActorSystemMessage(message):
                 return message  # type: ignore[no-any-return]
             if time.monotonic() >= deadline:
                 return None
+
+    def watch(self, fds: Sequence[int]) -> None:
+        self.base.transport.set_watch([self.wake_read, *fds])
 
     def close(self) -> None:
         self.base.transport.set_watch([])
@@ -120,10 +133,20 @@ class ActorBridge:
         tick_interval: float = 1.0,
         registrar: object | None = None,
         map_interval: float = 1.0,
+        data_addresses: Sequence[str] = (),
+        data_path: bool = True,
     ) -> None:
         self._context_factory = context_factory
         self.addresses = list(addresses)
         self.shard_count = len(self.addresses)
+        # The batch path (actors/datapath.py): a socket per shard where the shard has one and
+        # `data_path` is on; Thespian messages otherwise, and while a connect keeps failing.
+        self.data_path = data_path
+        self.data_addresses = list(data_addresses) or [""] * self.shard_count
+        self._peers: dict[int, Peer] = {}
+        self._connect_after = [0.0] * self.shard_count
+        self._connect_backoff = [_RECONNECT_FIRST] * self.shard_count
+        self._link: Any = None  # the thread's _Link, once it runs
         self.max_inflight = max_inflight
         self.max_batch = max_batch
         self.reply_timeout = reply_timeout
@@ -209,12 +232,15 @@ class ActorBridge:
             ctx_manager.__exit__(None, None, None)
 
     def _serve(self, ctx: Any) -> None:
-        link = _Link(ctx)
+        link = self._link = _Link(ctx)
         self._wake_fd = link.wake_fd
         try:
             self._pump(link)
         finally:
             self._wake_fd = -1
+            for peer in self._peers.values():
+                peer.close()
+            self._peers.clear()
             link.close()
 
     def _pump(self, link: _Link) -> None:
@@ -246,9 +272,10 @@ class ActorBridge:
                         continue
                     if busy[shard] == 0 and shard not in pending:
                         batch_id = next(ids)
-                        sent = link.send(self.addresses[shard], ShardBatch(batch_id, encode_batch([])))
-                        inflight[batch_id] = (shard, [], now, sent)
-                        busy[shard] += 1
+                        sent = self._transmit(shard, batch_id, encode_batch([]), inflight, busy, tick=True)
+                        if sent is not None:
+                            inflight[batch_id] = (shard, [], now, sent)
+                            busy[shard] += 1
 
             # 3. send one batch per shard with room
             for shard in list(pending):
@@ -265,7 +292,10 @@ class ActorBridge:
                     continue
                 batch_id = next(ids)
                 payload = encode_batch([cmd for cmd, _ in batch])
-                sent = link.send(self.addresses[shard], ShardBatch(batch_id, payload))
+                sent = self._transmit(shard, batch_id, payload, inflight, busy)
+                if sent is None:
+                    self._fail(batch, f"shard {shard} is unreachable; retry")
+                    continue
                 inflight[batch_id] = (shard, batch, now, sent)
                 busy[shard] += 1
                 self.stats.batches += 1
@@ -291,14 +321,12 @@ class ActorBridge:
                 continue
             msg = link.receive(min(_MAX_SLEEP, max(0.0, next_tick - time.monotonic())))
             self._sleeping = False
-            if msg is _WOKEN:
-                self._wake_sent = False
+            if isinstance(msg, _Ready):
+                if link.wake_read in msg.fds:
+                    self._wake_sent = False
+                self._read_peers(msg.fds, inflight, busy)
             elif isinstance(msg, ShardBatchResult):
-                entry = inflight.pop(msg.batch_id, None)
-                if entry is not None:
-                    busy[entry[0]] -= 1
-                    if entry[1]:
-                        self._resolve(entry[1], decode_replies(msg.payload))
+                self._on_result(msg.batch_id, msg.payload, inflight, busy)
             elif isinstance(msg, ShardMap):
                 self._map_asked = 0.0
                 self.map_answered_at = time.monotonic()
@@ -306,6 +334,93 @@ class ActorBridge:
             elif msg is not None:
                 self._on_other(msg, inflight, busy)
             self._expire(inflight, busy)
+
+    # ------------------------------------------------------------ the batch path
+
+    def _transmit(self, shard: int, batch_id: int, payload: bytes,
+                  inflight: dict[int, _Inflight], busy: list[int], tick: bool = False) -> Any:
+        """Send a batch by the shard's socket if it has one, else as a Thespian message.
+
+        Returns what `_expire` watches for a failure (the Peer, or Thespian's transmit
+        tracker), or None when the socket failed at once (the connection is then dropped).
+        A tick never opens a connection (a blocking connect to an unreachable shard would
+        hold up every shard's traffic once a second)."""
+        peer = self._peer(shard, inflight, busy, connect_now=not tick)
+        if peer is None:
+            return self._link.send(self.addresses[shard], ShardBatch(batch_id, payload))
+        if peer.send(frame(batch_id, payload, shard)):
+            return peer
+        self._lost(shard, inflight, busy)
+        self._next_map = 0.0
+        return None
+
+    def _peer(self, shard: int, inflight: dict[int, _Inflight], busy: list[int],
+              connect_now: bool = True) -> Peer | None:
+        peer = self._peers.get(shard)
+        if peer is not None:
+            if busy[shard] or peer.alive():  # (idle: the shard may have closed it meanwhile)
+                return peer
+            self._lost(shard, inflight, busy)
+        address = self.data_addresses[shard] if self.data_path else ""
+        if not address or not connect_now or time.monotonic() < self._connect_after[shard]:
+            return None
+        try:
+            peer = connect(address, _CONNECT_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - OSError, or an address that does not parse
+            log.warning("shard %d: no batch path to %s (%s); sending through Thespian for %.0f s",
+                        shard, address, e, self._connect_backoff[shard])
+            self._connect_after[shard] = time.monotonic() + self._connect_backoff[shard]
+            self._connect_backoff[shard] = min(self._connect_backoff[shard] * 2, _RECONNECT_MAX)
+            return None
+        self._connect_backoff[shard] = _RECONNECT_FIRST
+        self._peers[shard] = peer
+        self._link.watch([p.fd for p in self._peers.values()])
+        return peer
+
+    def _read_peers(self, ready: Sequence[int], inflight: dict[int, _Inflight], busy: list[int]) -> None:
+        for shard, peer in list(self._peers.items()):
+            if peer.fd not in ready:
+                continue
+            for fields in peer.read():
+                batch_id = payload = from_shard = None
+                if len(fields) == 3:
+                    batch_id, payload, from_shard = fields
+                if not isinstance(batch_id, int) or not isinstance(payload, bytes) or from_shard != shard:
+                    log.warning("shard %d's connection sent a frame that is not its reply; dropping it", shard)
+                    peer.close()
+                    break
+                self._on_result(batch_id, payload, inflight, busy)
+            if peer.closed:
+                self._lost(shard, inflight, busy)
+
+    def _lost(self, shard: int, inflight: dict[int, _Inflight], busy: list[int]) -> None:
+        """The shard's connection is gone: its batches in flight on it fail `unavailable`."""
+        peer = self._peers.pop(shard, None)
+        if peer is None:
+            return
+        peer.close()
+        self._link.watch([p.fd for p in self._peers.values()])
+        for batch_id, entry in list(inflight.items()):
+            if entry[3] is peer:
+                self._drop(inflight, busy, batch_id, f"lost the connection to shard {shard}; retry")
+
+    def _on_result(self, batch_id: int, payload: bytes, inflight: dict[int, _Inflight], busy: list[int]) -> None:
+        entry = inflight.pop(batch_id, None)
+        if entry is None:
+            return  # timed out or dropped meanwhile: its callers were answered
+        busy[entry[0]] -= 1
+        if not entry[1]:
+            return
+        try:
+            replies = decode_replies(payload)
+        except Exception:  # a shard of another version: its callers may retry
+            log.exception("shard %d sent replies that do not decode", entry[0])
+            replies = []
+        if len(replies) != len(entry[1]):
+            log.error("shard %d answered %d of %d commands", entry[0], len(replies), len(entry[1]))
+            self._fail(entry[1], f"shard {entry[0]} answered the batch incompletely; retry")
+            return
+        self._resolve(entry[1], replies)
 
     def use_registrar(self, registrar: object) -> None:
         """A registrar found anew (the actor system was restarted): ask it for the map at once."""
@@ -337,6 +452,11 @@ class ActorBridge:
             log.error("shard map with %d shards ignored (this gateway routes over %d)",
                       msg.shard_count, self.shard_count)
             return
+        for shard, data in enumerate((msg.data_addresses or ("",) * self.shard_count)[:self.shard_count]):
+            if data != self.data_addresses[shard]:
+                self.data_addresses[shard] = data
+                self._connect_after[shard] = 0.0
+                self._lost(shard, inflight, busy)
         for shard, address in enumerate(msg.addresses):
             if address == self.addresses[shard]:
                 continue
@@ -359,7 +479,8 @@ class ActorBridge:
     def _expire(self, inflight: dict[int, _Inflight], busy: list[int]) -> None:
         now = time.monotonic()
         for batch_id, (shard, _, sent, tracker) in list(inflight.items()):
-            if tracker is not None and tracker.failed:
+            # (a batch on a socket: a lost connection fails it at once, in `_lost`)
+            if tracker is not None and not isinstance(tracker, Peer) and tracker.failed:
                 log.warning("batch %d could not be sent to shard %d: %s", batch_id, shard, tracker.failure)
                 self._drop(inflight, busy, batch_id, f"shard {shard} is unreachable; retry")
                 self._next_map = 0.0
@@ -368,6 +489,8 @@ class ActorBridge:
                 log.error("shard %d did not answer batch %d in %.0f s", shard, batch_id, self.reply_timeout)
                 self._drop(inflight, busy, batch_id, f"shard {shard} did not answer in time; retry")
                 self._next_map = 0.0
+                if isinstance(tracker, Peer):  # a connection that may be dead without a word: a fresh one
+                    self._lost(shard, inflight, busy)
 
     def _drop(self, inflight: dict[int, _Inflight], busy: list[int], batch_id: int, why: str) -> None:
         """Give up on a batch in flight: its shard has room again, its callers get `unavailable`."""

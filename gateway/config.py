@@ -85,6 +85,7 @@ class Settings:
     passivate_after_seconds: float = 600.0
     shard_merge_ms: float = 2.0
     max_inflight_per_shard: int = 1
+    batch_socket: bool = True  # batches to shards over their sockets (actors/datapath.py), else Thespian
     max_batch: int = 512
     shard_reply_timeout: float = 30.0
     default_organization_id: str = "default"
@@ -133,6 +134,7 @@ class Settings:
             passivate_after_seconds=_float(e, "INVENTORY_PASSIVATE_AFTER_SECONDS", 600.0),
             shard_merge_ms=_float(e, "INVENTORY_SHARD_MERGE_MS", 2.0),
             max_inflight_per_shard=_int(e, "INVENTORY_MAX_INFLIGHT_PER_SHARD", 1, 1, 16),
+            batch_socket=_bool(e, "INVENTORY_BATCH_SOCKET", True),
             max_batch=_int(e, "INVENTORY_MAX_BATCH", 512, 1, 10_000),
             shard_reply_timeout=_float(e, "INVENTORY_SHARD_REPLY_TIMEOUT_SECONDS", 30.0),
             default_organization_id=e.get("INVENTORY_DEFAULT_ORGANIZATION_ID", "default") or "default",
