@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from fault_load import (
-    VARIANTS,
     EventOrders,
     EventTap,
     FaultService,
@@ -48,10 +47,14 @@ async def test_sigterm_under_load_loses_nothing_acknowledged(service):
     orders = EventOrders(tap.prefix, org)
     async with load(svc.target, org) as run, ordering(orders, run.admin):
         tally = run.tally
-        # One reservation the workers never touch, so there is always an open one to find after the restart.
+        # One reservation the workers never touch, so there is always an open one to find after the
+        # restart; on a variant of its own (the workers may have reserved all of theirs by now).
+        await run.admin.RecordMovement(pb.MovementRequest(
+            organization_id=org, variant_id="keeper", warehouse_id="w1", type=pb.MOVEMENT_TYPE_RECEIPT,
+            quantity=1, idempotency_key="keeper-receipt"), timeout=10)
         keeper = await run.inv.ReserveStock(pb.ReserveStockRequest(
             organization_id=org, order_id="keeper", ttl_seconds=600,
-            items=[pb.ReserveItem(variant_id=VARIANTS[0], quantity=1)]), timeout=10)
+            items=[pb.ReserveItem(variant_id="keeper", quantity=1)]), timeout=10)
         tally.outcomes["OK"] += 1
         tally.reserved[keeper.reservation_id] = "active"
         signalled = time.monotonic()
