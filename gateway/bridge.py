@@ -11,6 +11,12 @@ with one `call_soon_threadsafe` per batch.
 A batch that gets no reply within `reply_timeout` (a shard process died) fails its
 callers with `unavailable`; the shard's ownership fencing makes a late commit harmless
 to correctness, and the callers may retry.
+
+Where a shard listens for batches on a socket (actors/datapath.py, its address in the
+ShardMap), they do not go through this thread at all: a `Lane` per shard batches on the
+event loop and talks to the socket directly (gateway/lanes.py). The thread then carries
+only the ticks, the registrar's map, and the batches of shards that cannot be reached by
+socket (no address yet, a connect that failed, or INVENTORY_BATCH_SOCKET=false).
 """
 
 from __future__ import annotations
@@ -32,24 +38,16 @@ from thespian.actors import WatchMessage
 from thespian.system import isInternalActorSystemMessage
 from thespian.system.transport import ReceiveEnvelope
 
-from actors.datapath import Peer, connect, frame
 from actors.envelopes import ShardBatch, ShardBatchResult, ShardMap, ShardMapRequest
-from actors.messages import Command, Rejected, Reply, decode_replies, encode_batch
+from actors.messages import Command, Rejected, Reply, encode_batch
+from gateway.lanes import Lane, answer, fail
 
 log = logging.getLogger("inventory.bridge")
 
 _Item = tuple[Command, "asyncio.Future[Reply]"]
-_Inflight = tuple[int, list[_Item], float, Any]  # shard, callers, sent at, Thespian transmit tracker or Peer
+_Inflight = tuple[int, list[_Item], float, Any]  # shard, callers, sent at, transmit tracker
+_WOKEN = object()
 _MAX_SLEEP = 0.1  # the longest sleep in the transport: reply timeouts are checked this often
-_CONNECT_TIMEOUT = 1.0
-_RECONNECT_FIRST, _RECONNECT_MAX = 1.0, 30.0  # after failed connects (doubling), batches go by Thespian
-
-
-@dataclass(frozen=True)
-class _Ready:
-    """Watched file descriptors that became readable: the wake pipe, batch-path sockets."""
-
-    fds: tuple[int, ...]
 
 
 class _Link:
@@ -77,7 +75,7 @@ class _Link:
         return self.base._tx_to_actor(address, message)
 
     def receive(self, timeout: float) -> object | None:
-        """The next message for this endpoint, `_Ready`, or None when `timeout` passes first."""
+        """The next message for this endpoint, `_WOKEN`, or None when `timeout` passes first."""
         deadline = time.monotonic() + timeout
         while True:
             envelope = self.base._run_transport(timedelta(seconds=max(0.0, deadline - time.monotonic())))
@@ -85,20 +83,16 @@ class _Link:
                 return None  # timed out, or a failed transmit aborted the run
             message = envelope.message
             if isinstance(message, WatchMessage):
-                if self.wake_read in message.ready:
-                    try:
-                        while os.read(self.wake_read, 512):
-                            pass
-                    except BlockingIOError:
+                try:
+                    while os.read(self.wake_read, 512):
                         pass
-                return _Ready(tuple(message.ready))
+                except BlockingIOError:
+                    pass
+                return _WOKEN
             if not isInternalActorSystemMessage(message):
                 return message  # type: ignore[no-any-return]
             if time.monotonic() >= deadline:
                 return None
-
-    def watch(self, fds: Sequence[int]) -> None:
-        self.base.transport.set_watch([self.wake_read, *fds])
 
     def close(self) -> None:
         self.base.transport.set_watch([])
@@ -139,14 +133,16 @@ class ActorBridge:
         self._context_factory = context_factory
         self.addresses = list(addresses)
         self.shard_count = len(self.addresses)
-        # The batch path (actors/datapath.py): a socket per shard where the shard has one and
-        # `data_path` is on; Thespian messages otherwise, and while a connect keeps failing.
+        # The batch path (actors/datapath.py): a lane per shard on the event loop, used where
+        # the shard has an address and `data_path` is on; this thread's Thespian messages otherwise.
         self.data_path = data_path
         self.data_addresses = list(data_addresses) or [""] * self.shard_count
-        self._peers: dict[int, Peer] = {}
-        self._connect_after = [0.0] * self.shard_count
-        self._connect_backoff = [_RECONNECT_FIRST] * self.shard_count
-        self._link: Any = None  # the thread's _Link, once it runs
+        self.lanes = [
+            Lane(shard, (lambda s=shard: self.data_addresses[s]), max_inflight=max_inflight,  # type: ignore[misc]
+                 max_batch=max_batch, reply_timeout=reply_timeout, on_batch=self._count_batch,
+                 on_trouble=self._lane_trouble)
+            for shard in range(self.shard_count)
+        ] if data_path else []
         self.max_inflight = max_inflight
         self.max_batch = max_batch
         self.reply_timeout = reply_timeout
@@ -188,6 +184,19 @@ class ActorBridge:
         assert self._loop is not None, "bridge not started"
         if self._stopping.is_set():
             return Rejected("unavailable", "the service is shutting down")
+        if self.lanes:
+            lane = self.lanes[shard]
+            if lane.peer is None:
+                connected = await lane.ready()
+                if self._stopping.is_set():  # (stopped while this call waited for the connection)
+                    return Rejected("unavailable", "the service is shutting down")
+                if not connected:
+                    return await self._through_thread(shard, command)
+            return await lane.call(command)
+        return await self._through_thread(shard, command)
+
+    async def _through_thread(self, shard: int, command: Command) -> Reply:
+        assert self._loop is not None
         fut: asyncio.Future[Reply] = self._loop.create_future()
         self._queue.put((shard, command, fut))
         # The thread sleeps in the transport while batches are in flight. Wake it only if this
@@ -207,8 +216,13 @@ class ActorBridge:
         return list(await asyncio.gather(*(self.call(s, c) for s, c in calls)))
 
     async def stop(self) -> None:
-        """Let in-flight batches finish (bounded), then stop the thread."""
+        """Let in-flight batches finish (bounded), then stop the lanes and the thread."""
         self._stopping.set()
+        deadline = time.monotonic() + self.reply_timeout + 5
+        while any(lane.busy for lane in self.lanes) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for lane in self.lanes:
+            lane.close()
         self._queue.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, self.reply_timeout + 5)
@@ -232,15 +246,12 @@ class ActorBridge:
             ctx_manager.__exit__(None, None, None)
 
     def _serve(self, ctx: Any) -> None:
-        link = self._link = _Link(ctx)
+        link = _Link(ctx)
         self._wake_fd = link.wake_fd
         try:
             self._pump(link)
         finally:
             self._wake_fd = -1
-            for peer in self._peers.values():
-                peer.close()
-            self._peers.clear()
             link.close()
 
     def _pump(self, link: _Link) -> None:
@@ -272,10 +283,9 @@ class ActorBridge:
                         continue
                     if busy[shard] == 0 and shard not in pending:
                         batch_id = next(ids)
-                        sent = self._transmit(shard, batch_id, encode_batch([]), inflight, busy, tick=True)
-                        if sent is not None:
-                            inflight[batch_id] = (shard, [], now, sent)
-                            busy[shard] += 1
+                        sent = link.send(self.addresses[shard], ShardBatch(batch_id, encode_batch([])))
+                        inflight[batch_id] = (shard, [], now, sent)
+                        busy[shard] += 1
 
             # 3. send one batch per shard with room
             for shard in list(pending):
@@ -292,16 +302,11 @@ class ActorBridge:
                     continue
                 batch_id = next(ids)
                 payload = encode_batch([cmd for cmd, _ in batch])
-                sent = self._transmit(shard, batch_id, payload, inflight, busy)
-                if sent is None:
-                    self._fail(batch, f"shard {shard} is unreachable; retry")
-                    continue
+                sent = link.send(self.addresses[shard], ShardBatch(batch_id, payload))
                 inflight[batch_id] = (shard, batch, now, sent)
                 busy[shard] += 1
-                self.stats.batches += 1
-                self.stats.commands += len(batch)
-                self.stats.max_batch = max(self.stats.max_batch, len(batch))
-                self.stats.batch_sizes.append(len(batch))
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._count_batch, len(batch))
 
             if draining and not inflight and not pending:
                 return
@@ -321,12 +326,14 @@ class ActorBridge:
                 continue
             msg = link.receive(min(_MAX_SLEEP, max(0.0, next_tick - time.monotonic())))
             self._sleeping = False
-            if isinstance(msg, _Ready):
-                if link.wake_read in msg.fds:
-                    self._wake_sent = False
-                self._read_peers(msg.fds, inflight, busy)
+            if msg is _WOKEN:
+                self._wake_sent = False
             elif isinstance(msg, ShardBatchResult):
-                self._on_result(msg.batch_id, msg.payload, inflight, busy)
+                entry = inflight.pop(msg.batch_id, None)
+                if entry is not None:
+                    busy[entry[0]] -= 1
+                    if entry[1]:
+                        self._resolve(entry[0], entry[1], msg.payload)
             elif isinstance(msg, ShardMap):
                 self._map_asked = 0.0
                 self.map_answered_at = time.monotonic()
@@ -334,93 +341,6 @@ class ActorBridge:
             elif msg is not None:
                 self._on_other(msg, inflight, busy)
             self._expire(inflight, busy)
-
-    # ------------------------------------------------------------ the batch path
-
-    def _transmit(self, shard: int, batch_id: int, payload: bytes,
-                  inflight: dict[int, _Inflight], busy: list[int], tick: bool = False) -> Any:
-        """Send a batch by the shard's socket if it has one, else as a Thespian message.
-
-        Returns what `_expire` watches for a failure (the Peer, or Thespian's transmit
-        tracker), or None when the socket failed at once (the connection is then dropped).
-        A tick never opens a connection (a blocking connect to an unreachable shard would
-        hold up every shard's traffic once a second)."""
-        peer = self._peer(shard, inflight, busy, connect_now=not tick)
-        if peer is None:
-            return self._link.send(self.addresses[shard], ShardBatch(batch_id, payload))
-        if peer.send(frame(batch_id, payload, shard)):
-            return peer
-        self._lost(shard, inflight, busy)
-        self._next_map = 0.0
-        return None
-
-    def _peer(self, shard: int, inflight: dict[int, _Inflight], busy: list[int],
-              connect_now: bool = True) -> Peer | None:
-        peer = self._peers.get(shard)
-        if peer is not None:
-            if busy[shard] or peer.alive():  # (idle: the shard may have closed it meanwhile)
-                return peer
-            self._lost(shard, inflight, busy)
-        address = self.data_addresses[shard] if self.data_path else ""
-        if not address or not connect_now or time.monotonic() < self._connect_after[shard]:
-            return None
-        try:
-            peer = connect(address, _CONNECT_TIMEOUT)
-        except Exception as e:  # noqa: BLE001 - OSError, or an address that does not parse
-            log.warning("shard %d: no batch path to %s (%s); sending through Thespian for %.0f s",
-                        shard, address, e, self._connect_backoff[shard])
-            self._connect_after[shard] = time.monotonic() + self._connect_backoff[shard]
-            self._connect_backoff[shard] = min(self._connect_backoff[shard] * 2, _RECONNECT_MAX)
-            return None
-        self._connect_backoff[shard] = _RECONNECT_FIRST
-        self._peers[shard] = peer
-        self._link.watch([p.fd for p in self._peers.values()])
-        return peer
-
-    def _read_peers(self, ready: Sequence[int], inflight: dict[int, _Inflight], busy: list[int]) -> None:
-        for shard, peer in list(self._peers.items()):
-            if peer.fd not in ready:
-                continue
-            for fields in peer.read():
-                batch_id = payload = from_shard = None
-                if len(fields) == 3:
-                    batch_id, payload, from_shard = fields
-                if not isinstance(batch_id, int) or not isinstance(payload, bytes) or from_shard != shard:
-                    log.warning("shard %d's connection sent a frame that is not its reply; dropping it", shard)
-                    peer.close()
-                    break
-                self._on_result(batch_id, payload, inflight, busy)
-            if peer.closed:
-                self._lost(shard, inflight, busy)
-
-    def _lost(self, shard: int, inflight: dict[int, _Inflight], busy: list[int]) -> None:
-        """The shard's connection is gone: its batches in flight on it fail `unavailable`."""
-        peer = self._peers.pop(shard, None)
-        if peer is None:
-            return
-        peer.close()
-        self._link.watch([p.fd for p in self._peers.values()])
-        for batch_id, entry in list(inflight.items()):
-            if entry[3] is peer:
-                self._drop(inflight, busy, batch_id, f"lost the connection to shard {shard}; retry")
-
-    def _on_result(self, batch_id: int, payload: bytes, inflight: dict[int, _Inflight], busy: list[int]) -> None:
-        entry = inflight.pop(batch_id, None)
-        if entry is None:
-            return  # timed out or dropped meanwhile: its callers were answered
-        busy[entry[0]] -= 1
-        if not entry[1]:
-            return
-        try:
-            replies = decode_replies(payload)
-        except Exception:  # a shard of another version: its callers may retry
-            log.exception("shard %d sent replies that do not decode", entry[0])
-            replies = []
-        if len(replies) != len(entry[1]):
-            log.error("shard %d answered %d of %d commands", entry[0], len(replies), len(entry[1]))
-            self._fail(entry[1], f"shard {entry[0]} answered the batch incompletely; retry")
-            return
-        self._resolve(entry[1], replies)
 
     def use_registrar(self, registrar: object) -> None:
         """A registrar found anew (the actor system was restarted): ask it for the map at once."""
@@ -455,8 +375,8 @@ class ActorBridge:
         for shard, data in enumerate((msg.data_addresses or ("",) * self.shard_count)[:self.shard_count]):
             if data != self.data_addresses[shard]:
                 self.data_addresses[shard] = data
-                self._connect_after[shard] = 0.0
-                self._lost(shard, inflight, busy)
+                if self.lanes and self._loop is not None:  # its connection leads to the old place
+                    self._loop.call_soon_threadsafe(self.lanes[shard].moved, data)
         for shard, address in enumerate(msg.addresses):
             if address == self.addresses[shard]:
                 continue
@@ -479,18 +399,16 @@ class ActorBridge:
     def _expire(self, inflight: dict[int, _Inflight], busy: list[int]) -> None:
         now = time.monotonic()
         for batch_id, (shard, _, sent, tracker) in list(inflight.items()):
-            # (a batch on a socket: a lost connection fails it at once, in `_lost`)
-            if tracker is not None and not isinstance(tracker, Peer) and tracker.failed:
+            if tracker is not None and tracker.failed:
                 log.warning("batch %d could not be sent to shard %d: %s", batch_id, shard, tracker.failure)
                 self._drop(inflight, busy, batch_id, f"shard {shard} is unreachable; retry")
                 self._next_map = 0.0
             elif now - sent > self.reply_timeout:
-                self.stats.timeouts += 1
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._lane_trouble, True)
                 log.error("shard %d did not answer batch %d in %.0f s", shard, batch_id, self.reply_timeout)
                 self._drop(inflight, busy, batch_id, f"shard {shard} did not answer in time; retry")
                 self._next_map = 0.0
-                if isinstance(tracker, Peer):  # a connection that may be dead without a word: a fresh one
-                    self._lost(shard, inflight, busy)
 
     def _drop(self, inflight: dict[int, _Inflight], busy: list[int], batch_id: int, why: str) -> None:
         """Give up on a batch in flight: its shard has room again, its callers get `unavailable`."""
@@ -499,16 +417,25 @@ class ActorBridge:
             busy[entry[0]] -= 1
             self._fail(entry[1], why)
 
-    def _resolve(self, items: list[_Item], replies: list[Reply]) -> None:
+    def _resolve(self, shard: int, items: list[_Item], payload: bytes) -> None:
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(_set_results, items, replies)
+        self._loop.call_soon_threadsafe(answer, shard, items, payload)
 
     def _fail(self, items: list[_Item], why: str) -> None:
         if items:
-            self._resolve(items, [Rejected("unavailable", why)] * len(items))
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(fail, items, why)
 
+    # Statistics are written on the event loop only (the thread hands its counts over), so the
+    # lanes and the thread never update them at once.
 
-def _set_results(items: list[_Item], replies: list[Reply]) -> None:
-    for (_, fut), reply in zip(items, replies):
-        if not fut.done():
-            fut.set_result(reply)
+    def _lane_trouble(self, timed_out: bool) -> None:
+        if timed_out:
+            self.stats.timeouts += 1
+        self._next_map = 0.0  # ask the registrar soon: the shard may have moved
+
+    def _count_batch(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.commands += size
+        self.stats.max_batch = max(self.stats.max_batch, size)
+        self.stats.batch_sizes.append(size)

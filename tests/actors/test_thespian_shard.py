@@ -158,7 +158,7 @@ async def _bridge_call(asys, shard_map, command, reply_timeout=10.0, **kw):
     bridge.start()
     try:
         reply = await asyncio.wait_for(bridge.call(0, command), 15)
-        return reply, dict(bridge._peers)
+        return reply, {lane.shard: lane.peer for lane in bridge.lanes if lane.peer is not None}
     finally:
         await bridge.stop()
 
