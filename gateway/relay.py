@@ -240,10 +240,21 @@ class OutboxRelay:
                     app_id="inventory-service"))))
             if i % PUBLISH_SLICE == PUBLISH_SLICE - 1:
                 await asyncio.sleep(0)  # let confirms and reads in between
+        # Wait for the confirms, or for the channel to close: a connection lost in the middle of
+        # a batch left some confirms pending until CONFIRM_TIMEOUT (30 s), long after the broker
+        # was back (seen in the RabbitMQ outage test). Whatever was not confirmed stays unsent.
+        gathered = asyncio.gather(*publishes, return_exceptions=True)
+        closing = channel.closing
         try:
-            results = await asyncio.wait_for(asyncio.gather(*publishes, return_exceptions=True), CONFIRM_TIMEOUT)
-        except TimeoutError:
-            raise BrokerDown(f"no confirms within {CONFIRM_TIMEOUT:.0f} s") from None
+            await asyncio.wait({gathered, closing}, timeout=CONFIRM_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()  # (stops only this observer of the channel)
+        if not gathered.done():
+            gathered.cancel()
+            if closing.done():
+                raise BrokerDown("the connection closed while confirms were pending")
+            raise BrokerDown(f"no confirms within {CONFIRM_TIMEOUT:.0f} s")
+        results = gathered.result()
         confirmed = 0
         for result in results:
             if isinstance(result, BaseException):
