@@ -73,6 +73,16 @@ def reserve(o: str, rid: str, v: str, qty: int, ttl: float, wh: str = "") -> Res
     return ReserveStock(o, rid, "order-" + rid, "h-" + rid, time.time() + ttl, (ReserveLine(v, wh, qty),))
 
 
+async def reserved_and_released(c: ShardCore, o: str, v: str, qty: int) -> ReserveStock:
+    """5 received in w1, reservation r1 of `qty` made and released: returns its ReserveStock, to retry."""
+    await receive(c, o, v, "w1", 5)
+    cmd = reserve(o, "r1", v, qty, 60)
+    [made] = await c.process([cmd], time.time())
+    assert isinstance(made, ReservationResult)
+    await c.process([ReleaseReservation(o, "r1", (v,))], time.time())
+    return cmd
+
+
 async def test_a_batch_is_decided_in_arrival_order_and_committed_whole(db: asyncpg.Connection) -> None:
     c, o = core(), org()
     v = variant_in(o, 0)
@@ -206,11 +216,7 @@ async def test_a_retried_reservation_after_release_is_refused_not_redone(db: asy
     c, o = core(), org()
     v = variant_in(o, 0)
     try:
-        await receive(c, o, v, "w1", 5)
-        cmd = reserve(o, "r1", v, 2, 60)
-        [r] = await c.process([cmd], time.time())
-        assert isinstance(r, ReservationResult)
-        await c.process([ReleaseReservation(o, "r1", (v,))], time.time())
+        cmd = await reserved_and_released(c, o, v, 2)
         c.forget_states()  # as after a failed batch: the retry must be answered from Postgres
         [again] = await c.process([cmd], time.time())
         assert isinstance(again, Rejected) and again.code == "closed"
@@ -226,13 +232,9 @@ async def test_new_reservations_are_checked_against_closed_ones_in_their_commit(
     c, o = core(), org()
     v = variant_in(o, 0)
     try:
-        await receive(c, o, v, "w1", 5)
-        retried = reserve(o, "r1", v, 2, 60)
-        [first] = await c.process([retried], time.time())
-        assert isinstance(first, ReservationResult)
+        retried = await reserved_and_released(c, o, v, 2)
         [fresh] = await c.process([reserve(o, "r2", v, 1, 60)], time.time())  # no prior: decided once
         assert isinstance(fresh, ReservationResult) and c.redecided == 0
-        await c.process([ReleaseReservation(o, "r1", (v,))], time.time())
         c.forget_states()
         new, again, other = await c.process([reserve(o, "r3", v, 1, 60), retried, reserve(o, "r4", v, 1, 60)],
                                             time.time())
@@ -254,11 +256,7 @@ async def test_a_closed_reservation_retried_when_stock_is_short_is_refused_close
     c, o = core(), org()
     v = variant_in(o, 0)
     try:
-        await receive(c, o, v, "w1", 5)
-        retried = reserve(o, "r1", v, 5, 60)
-        [first] = await c.process([retried], time.time())
-        assert isinstance(first, ReservationResult)
-        await c.process([ReleaseReservation(o, "r1", (v,))], time.time())
+        retried = await reserved_and_released(c, o, v, 5)
         [taken] = await c.process([reserve(o, "r2", v, 5, 60)], time.time())
         assert isinstance(taken, ReservationResult)
         c.forget_states()
