@@ -126,19 +126,6 @@ class Peer:
                 self.close()
         return out
 
-    def alive(self) -> bool:
-        """False if the peer has closed its end (checked without reading any frame)."""
-        if self.closed:
-            return False
-        try:
-            if self.sock.recv(1, socket.MSG_PEEK) == b"":
-                self.close()
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self.close()
-        return not self.closed
-
     def send(self, data: bytes) -> bool:
         """Send all of `data`, or close: the peer may let SEND_TIMEOUT pass without progress."""
         if self.closed:
@@ -171,6 +158,17 @@ class Peer:
 WILDCARDS = ("", "0.0.0.0", "::")
 
 
+def stream_socket(host: str) -> socket.socket:
+    """A TCP socket of the family `host` (an IPv4 or IPv6 address) needs."""
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port` or `[v6 host]:port` as advertised by a Listener -> (host, port); ValueError if not."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 class Listener:
     """The shard's end: a listening socket and the gateways connected to it.
 
@@ -180,7 +178,7 @@ class Listener:
     def __init__(self, host: str, advertise: str) -> None:
         if advertise in WILDCARDS:
             raise ValueError("a shard must advertise an address gateways can reach, not a wildcard")
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = stream_socket(host)
         try:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind((host, 0))
@@ -238,6 +236,5 @@ class Listener:
 
 def connect(address: str, timeout: float) -> Peer:
     """The gateway's end: a connection to a shard's `host:port` (raises OSError or ValueError)."""
-    host, _, port = address.rpartition(":")
-    sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    sock = socket.create_connection(split_address(address), timeout=timeout)
     return Peer(sock, address)

@@ -682,17 +682,20 @@ class StockShard(ActorTypeDispatcher):
                 log.exception("shard %s could not answer batch %d", shard_id, batch_id)
         self._arm()
 
-    def receiveMsg_ShardStatusRequest(self, msg: ShardStatusRequest, sender: Any) -> None:
+    def _flush_if_lost(self) -> None:
+        """Flush the waiting batches if their merge window's wakeup was lost (Thespian TCP stall)."""
         if self.waiting and time.monotonic() - self.waiting_since > 0.5:
-            self._flush_waiting()  # the window's wakeup was lost
+            self._flush_waiting()
+
+    def receiveMsg_ShardStatusRequest(self, msg: ShardStatusRequest, sender: Any) -> None:
+        self._flush_if_lost()
         self.send(sender, self._status())
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
         if msg.payload == _MERGE:
             self._flush_waiting()
             return
-        if self.waiting and time.monotonic() - self.waiting_since > 0.5:
-            self._flush_waiting()  # the window's wakeup was lost
+        self._flush_if_lost()
         now = time.time()
         if now >= self.armed_at - 0.001:
             self.armed_at = 0.0

@@ -135,7 +135,6 @@ class ActorBridge:
         self.shard_count = len(self.addresses)
         # The batch path (actors/datapath.py): a lane per shard on the event loop, used where
         # the shard has an address and `data_path` is on; this thread's Thespian messages otherwise.
-        self.data_path = data_path
         self.data_addresses = list(data_addresses) or [""] * self.shard_count
         self.lanes = [
             Lane(shard, (lambda s=shard: self.data_addresses[s]), max_inflight=max_inflight,  # type: ignore[misc]

@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from actors.datapath import Peer, frame
+from actors.datapath import Peer, frame, split_address, stream_socket
 from actors.messages import Command, Rejected, Reply, decode_replies, encode_batch
 
 log = logging.getLogger("inventory.bridge")
@@ -105,11 +105,10 @@ class Lane:
         loop = self._loop = asyncio.get_running_loop()
         sock: socket.socket | None = None
         try:
-            host, _, port = address.rpartition(":")
-            host = host.strip("[]")
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            host, port = split_address(address)
+            sock = stream_socket(host)
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, (host, int(port))), CONNECT_TIMEOUT)
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT)
             if self.closed or generation != self._generation or self._address() != address:
                 sock.close()  # the shard moved (or the bridge stopped) meanwhile: the next call connects anew
                 return

@@ -26,7 +26,7 @@ import pytest
 from thespian.actors import ActorSystem
 
 from actors.datapath import connect, frame
-from actors.envelopes import ShardBatch, ShardBatchResult
+from actors.envelopes import ShardBatch, ShardBatchResult, ShardMap
 from actors.messages import (
     ReadStock,
     RecordMovement,
@@ -146,10 +146,12 @@ async def test_stopping_the_launcher_leaves_no_actor_process(actor_system) -> No
 # ---------------------------------------------------------------- the batch path (actors/datapath.py)
 
 
-def _join_anew(port: int) -> ActorSystem:
-    """`join`, but not Thespian's per-process singleton: an earlier test's system is gone."""
-    return ActorSystem(SYSTEM_BASE, capabilities={"Admin Port": port}, logDefs=thespian_logging(),
+def _joined(port: int) -> tuple[ActorSystem, ShardMap]:
+    """The test's actor system, joined anew (not Thespian's per-process singleton: an earlier
+    test's system is gone), and its shard map."""
+    asys = ActorSystem(SYSTEM_BASE, capabilities={"Admin Port": port}, logDefs=thespian_logging(),
                        transientUnique=True)
+    return asys, fetch_shard_map(asys)
 
 
 async def _bridge_call(asys, shard_map, command, reply_timeout=10.0, **kw):
@@ -165,8 +167,7 @@ async def _bridge_call(asys, shard_map, command, reply_timeout=10.0, **kw):
 
 async def test_batches_reach_the_shard_by_its_socket_or_as_thespian_messages_alike(actor_system) -> None:
     port, dsn, _, _ = actor_system
-    asys = _join_anew(port)
-    shard_map = fetch_shard_map(asys)
+    asys, shard_map = _joined(port)
     # (on the IP of the shard's Thespian address, as Thespian's own traffic)
     assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+:\d+", shard_map.data_addresses[0]), shard_map.data_addresses
     org = "org-" + uuid.uuid4().hex[:12]
@@ -188,8 +189,7 @@ async def test_batches_reach_the_shard_by_its_socket_or_as_thespian_messages_ali
 
 async def test_the_shard_drops_a_connection_that_sends_no_batch_and_serves_the_others(actor_system) -> None:
     port, _, _, _ = actor_system
-    asys = _join_anew(port)
-    shard_map = fetch_shard_map(asys)
+    _, shard_map = _joined(port)
     org = "org-" + uuid.uuid4().hex[:12]
     nested = b"\x91" * 100_000  # msgpack arrays 100,000 deep: a RecursionError in the decoder
     for garbage in (frame("not", "a", "batch"),
@@ -227,8 +227,7 @@ async def test_a_batch_whose_connection_is_lost_fails_unavailable_at_once(actor_
     """A shard process that dies with a batch in flight closes its socket: the callers get
     `unavailable` at once, not after the reply timeout (here a server that reads and hangs up)."""
     port, _, _, _ = actor_system
-    asys = _join_anew(port)
-    shard_map = fetch_shard_map(asys)
+    asys, shard_map = _joined(port)
     server = socket.create_server(("127.0.0.1", 0))
     got: list[bytes] = []
 
@@ -256,8 +255,7 @@ async def test_a_connection_that_never_answers_is_replaced_after_the_reply_timeo
     """A connection black-holed without a close: the batch fails at the reply timeout, and the
     connection is dropped, not used for every later batch too."""
     port, _, _, _ = actor_system
-    asys = _join_anew(port)
-    shard_map = fetch_shard_map(asys)
+    asys, shard_map = _joined(port)
     server = socket.create_server(("127.0.0.1", 0))
     kept: list[socket.socket] = []
     thread = threading.Thread(target=lambda: kept.append(server.accept()[0]), daemon=True)
