@@ -9,6 +9,7 @@ accepting, let in-flight calls finish (grace), drain the bridge, close the pool.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -174,12 +175,27 @@ async def watch_registrar(asys: Any, bridge: ActorBridge, silence: float = 4.0) 
         bridge.use_registrar(found)
 
 
+def _settle_memory() -> None:
+    """Once the gateway serves, for the process's lifetime (not in start_gateway: tests start many).
+
+    What is alive now (modules, protobuf descriptors, the pool, the server) stays alive: frozen,
+    no collection scans it again. The calls' short-lived objects are collected every 20,000
+    allocations instead of 700. Measured with a gc.callbacks probe in the gateway over one
+    bench/reserve.py hot-stock phase at 64 in flight: 740 ms in the collector before (15 full
+    collections, each a pause of the event loop, up to 39 ms of wall time), 150 ms after (2 full
+    collections; wall times on two busy cores include waits for a core)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 10)
+
+
 async def run_gateway(settings: Settings, on_ready: Callable[[Gateway], None] | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     gw = await start_gateway(settings)
+    _settle_memory()
     if on_ready is not None:
         on_ready(gw)
     try:
