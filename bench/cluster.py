@@ -406,6 +406,10 @@ def mode_scaling(run: Run) -> tuple[list[str], list[dict[str, Any]]]:
             profile_text = profile(run, dsn, topo)
     finally:
         topo.stop()
+    # Echo and baselines again, after the service phases, and the better round of each is used:
+    # measured once, first, the echo ceiling once came out at 3,309 ops/s where bench/reserve.py
+    # measured 4,000-4,700 that hour, which made the service's share of it look 0.72.
+    baselines(2)
     totals = asyncio.run(reserve.reserved_totals(dsn, list(hot_of.values())))
     return report_scaling(run, results, ok, totals, settings, profile_text)
 
@@ -453,7 +457,8 @@ def report_scaling(run: Run, results: list[Measured], ok: dict[str, int], totals
     out = ["", (f"== scaling: ReserveStock through gRPC, {a.duration:.0f} s measured after {a.warmup:.0f} s warm-up per "
            f"phase, {a.shards} shards, {a.stocks:,} stocks for '10k' =="),
            "ratios: /echo = the grpc.aio echo ceiling at the same concurrency; /base = the Postgres guarded-UPDATE "
-           "baseline on the same load (best pool of " + "/".join(map(str, a.pg_pool)) + ")",
+           "baseline on the same load (best pool of " + "/".join(map(str, a.pg_pool)) + "); echo and baselines are "
+           "measured before and after the service phases, and the better round of each is shown",
            ("CPU in cores of 2 during the window: client | gw (all gateways, or the echo server) | actors per node | "
            "pg | other = the rest of the machine | idle")]
     head = (f"{'configuration':<24} {'load':<4} {'c':>4} {'ops/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'fail':>5} "
