@@ -27,13 +27,23 @@ def shard_of(organization_id: str, variant_id: str, shard_count: int) -> int:
     return shard_hash(organization_id, variant_id) % shard_count
 
 
+def uuid5_text(namespace: uuid.UUID, name: str) -> str:
+    """`str(uuid.uuid5(namespace, name))` (RFC 4122 name-based, SHA-1), without building a UUID
+    object: a third of the time, on every ReserveStock (tests/unit/test_keys.py checks the two agree)."""
+    digest = bytearray(hashlib.sha1(namespace.bytes + name.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def stock_id(key: StockKey) -> str:
-    return str(uuid.uuid5(_STOCK_NAMESPACE, "/".join(key)))
+    return uuid5_text(_STOCK_NAMESPACE, "/".join(key))
 
 
 def reservation_id(organization_id: str, order_id: str) -> str:
     """One reservation per (organization, order): a retried call lands on the same one."""
-    return str(uuid.uuid5(_RESERVATION_NAMESPACE, f"{organization_id}/{order_id}"))
+    return uuid5_text(_RESERVATION_NAMESPACE, f"{organization_id}/{order_id}")
 
 
 def items_hash(items: Iterable[tuple[str, str, int]]) -> str:

@@ -175,7 +175,7 @@ async def watch_registrar(asys: Any, bridge: ActorBridge, silence: float = 4.0) 
         bridge.use_registrar(found)
 
 
-def _settle_memory() -> None:
+def settle_memory() -> None:
     """Once the gateway serves, for the process's lifetime (not in start_gateway: tests start many).
 
     What is alive now (modules, protobuf descriptors, the pool, the server) stays alive: frozen,
@@ -195,7 +195,7 @@ async def run_gateway(settings: Settings, on_ready: Callable[[Gateway], None] | 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     gw = await start_gateway(settings)
-    _settle_memory()
+    settle_memory()
     if on_ready is not None:
         on_ready(gw)
     try:

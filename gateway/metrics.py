@@ -112,6 +112,7 @@ class Metrics:
         r.register(self.snapshots)
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._shard_children: dict[int, Any] = {}
+        self._reservation_children: dict[str, Any] = {}
         self._bridge_seen = 0
 
     # ------------------------------------------------------------ hot path
@@ -126,7 +127,10 @@ class Metrics:
         children[1].observe(seconds)
 
     def reservation(self, outcome: str) -> None:
-        self.reservations.labels(outcome).inc()
+        child = self._reservation_children.get(outcome)
+        if child is None:
+            child = self._reservation_children[outcome] = self.reservations.labels(outcome)
+        child.inc()
 
     def shard_call(self, shard: int, seconds: float) -> None:
         child = self._shard_children.get(shard)

@@ -171,7 +171,7 @@ class InventoryServicer(pbg.InventoryServiceServicer):
             require_id(item.variant_id, f"items[{i}].variant_id")
             if item.quantity <= 0:
                 invalid(f"items[{i}].quantity: must be positive")
-            if item.warehouse_id:
+            if item.warehouse_id and not self.core.warehouses.known(org, item.warehouse_id):
                 await self.core.require_warehouse(org, item.warehouse_id, f"items[{i}].warehouse_id")
             key = (item.variant_id, item.warehouse_id)
             merged[key] = merged.get(key, 0) + item.quantity
