@@ -15,6 +15,7 @@ import asyncio
 import os
 import signal
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 
@@ -58,10 +59,15 @@ async def shard_pids(svc: FaultService) -> list[int]:
             "AND a.datname = current_database()", SHARD_LOCK_NAMESPACE)}
     finally:
         await conn.close()
+    # Matched on both ends: a local port alone is not unique (Linux gives connections to different
+    # destinations the same ephemeral port; a gateway's connection to a shard's batch socket once
+    # shared one with a shard's Postgres connection, and the gateway was counted as a shard).
+    pg_port = urllib.parse.urlsplit(svc.database_url).port or 5432
     found = []
     for pid in service_pids(svc.actor_port):
         try:
-            local = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.laddr}
+            local = {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp")
+                     if c.laddr and c.raddr and c.raddr.port == pg_port}
         except psutil.Error:
             continue
         if local & ports:
