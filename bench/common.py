@@ -2,21 +2,25 @@
 one measured load phase (a bench/loadgen.py child with CPU accounted per process group),
 and py-spy profiles.
 
-Used by bench/reserve.py and bench/cluster.py.
+Used by bench/reserve.py and bench/cluster.py; `paired_rounds` and `cprofile_top` by the
+in-process benches (bench/gateway_path.py, bench/shard_path.py).
 """
 
 from __future__ import annotations
 
+import cProfile
 import csv
 import datetime as dt
+import io
 import json
 import os
+import pstats
 import shutil
 import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,3 +224,32 @@ def pyspy_wait(spies: list[tuple[int, Path, subprocess.Popen[bytes]]], seconds: 
         if not path.exists():
             errors[pid] = err.decode(errors="replace")[-300:]
     return errors
+
+
+# ---------------------------------------------------------------- in-process CPU benches
+
+
+async def paired_rounds(rounds: int, units: int, unit: str, labels: tuple[str, str],
+                        baseline: Callable[[int], Awaitable[float]],
+                        measured: Callable[[int], Awaitable[float]]) -> tuple[float, float]:
+    """Run round r of the baseline, then of the measured code, for r in range(rounds); each
+    returns the CPU seconds it took for `units` units. Prints every round on stderr; returns
+    the best µs per unit of each (interference only slows a round down)."""
+    rows = []
+    for r in range(rounds):
+        base = await baseline(r) / units * 1e6
+        done = await measured(r) / units * 1e6
+        rows.append((base, done))
+        print(f"round {r + 1}: {labels[0]} {base:6.1f} µs/{unit}   {labels[1]} {done:6.1f} µs/{unit}", file=sys.stderr)
+    return min(b for b, _ in rows), min(d for _, d in rows)
+
+
+async def cprofile_top(work: Callable[[], Awaitable[object]], top: int) -> str:
+    """`work` run once under cProfile: its `top` functions by own time."""
+    profile = cProfile.Profile()
+    profile.enable()
+    await work()
+    profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()

@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import cProfile
-import io
-import pstats
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+from common import cprofile_top, paired_rounds
 
 FAKE_SHARD = """
 import socket, sys
@@ -136,16 +137,9 @@ async def main(a: argparse.Namespace, port: int) -> None:
 
         await _drive(service, requests(-1)[:2000], a.in_flight)  # warm-up: connect the lane, fill caches
         settle_memory()  # the gateway's collector settings once it serves
-        rows = []
-        for r in range(a.rounds):
-            reqs = requests(r)
-            base = await _drive(baseline, reqs, a.in_flight)
-            svc = await _drive(service, reqs, a.in_flight)
-            rows.append((base / a.calls * 1e6, svc / a.calls * 1e6))
-            print(f"round {r + 1}: baseline {rows[-1][0]:6.1f} µs/call   gateway path {rows[-1][1]:6.1f} µs/call",
-                  file=sys.stderr)
-        base_us = min(b for b, _ in rows)
-        svc_us = min(s for _, s in rows)
+        base_us, svc_us = await paired_rounds(
+            a.rounds, a.calls, "call", ("baseline", "gateway path"),
+            lambda r: _drive(baseline, requests(r), a.in_flight), lambda r: _drive(service, requests(r), a.in_flight))
         print(f"\n== gateway path, {a.calls:,} ReserveStock calls per round, {a.in_flight} in flight, "
               f"best of {a.rounds} rounds (CPU time of this process) ==")
         print(f"baseline (await a batched answer)      {base_us:7.1f} µs/call")
@@ -154,14 +148,8 @@ async def main(a: argparse.Namespace, port: int) -> None:
               f"ratio path/baseline {svc_us / base_us:.2f}")
         print(f"batches sent {bridge.stats.batches:,}, commands {bridge.stats.commands:,}")
         if a.profile:
-            prof = cProfile.Profile()
             reqs = requests(a.rounds)
-            prof.enable()
-            await _drive(service, reqs, a.in_flight)
-            prof.disable()
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
-            print(out.getvalue())
+            print(await cprofile_top(lambda: _drive(service, reqs, a.in_flight), 25))
     finally:
         for lane in bridge.lanes if bridge is not None else ():
             lane.close()

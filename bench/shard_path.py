@@ -10,17 +10,15 @@ on uvloop against the real Postgres (a database of its own, created afresh) and 
 process's CPU time per reservation: decide, apply, building the batch's rows, asyncpg's client
 side. Postgres's own CPU is not counted (bench/reserve.py reports it).
 
-The baseline, in the same process and database: the same number of reservations written by a
-guarded UPDATE and an INSERT per reservation, a batch per transaction through one asyncpg
-connection (the client side of the classic approach, batched as the shard batches).
+The baseline, in the same process and database: the same number of reservations written by
+bench/reserve.py's baseline statements (a guarded UPDATE and an INSERT per reservation, its
+tables and hot row from `reserve.prepare_database`), a batch per transaction through one
+asyncpg connection (the client side of the classic approach, batched as the shard batches).
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import sys
 import time
 import uuid
@@ -31,36 +29,15 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(BENCH))
 
-from common import admin_dsn, dsn_named
+from common import cprofile_top, dsn_named, paired_rounds
+from loadgen import GUARDED_UPDATE, INSERT_RESERVATION
 
 LOCK_BASE = 20_000  # shard lock ids no service or test uses
 
 
-async def fresh_database(dsn: str) -> None:
-    import asyncpg
-
-    from persistence.migrate import migrate
-
-    name = dsn.rsplit("/", 1)[1]
-    conn = await asyncpg.connect(admin_dsn(dsn))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    await migrate(dsn)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("CREATE TABLE bench_stock (id int PRIMARY KEY, on_hand int NOT NULL, reserved int NOT NULL)")
-        await conn.execute("CREATE TABLE bench_reservation (id uuid PRIMARY KEY, stock int NOT NULL, qty int NOT NULL,"
-                           " expires_at timestamptz NOT NULL)")
-        await conn.execute("INSERT INTO bench_stock VALUES (1, 1000000000, 0)")
-    finally:
-        await conn.close()
-
-
 async def run(a: argparse.Namespace) -> None:
     import asyncpg
+    import reserve
 
     from actors.envelopes import ShardConfigure
     from actors.keys import shard_of
@@ -68,13 +45,13 @@ async def run(a: argparse.Namespace) -> None:
     from actors.shard import ShardCore
 
     dsn = dsn_named(a.dsn, a.database)
-    await fresh_database(dsn)
-    org = "bench-org"
+    org, wh = reserve.ORG, reserve.WAREHOUSE
     variant = next(f"hot{i}" for i in range(1000) if shard_of(org, f"hot{i}", 1) == 0)
+    await reserve.prepare_database(dsn, True, [variant], 0)  # (also the baseline's table and its hot row)
     core = ShardCore(ShardConfigure(0, 1, dsn))
     core.store.lock_id = LOCK_BASE
     await core.start()
-    [r] = await core.process([RecordMovement(org, variant, "wh-1", "receipt", 1_000_000_000,
+    [r] = await core.process([RecordMovement(org, variant, wh, "receipt", 1_000_000_000,
                                              create_if_missing=True)], time.time())
     assert not isinstance(r, Rejected), r
     counter = iter(range(10**9))
@@ -86,7 +63,7 @@ async def run(a: argparse.Namespace) -> None:
             n = next(counter)
             rid = str(uuid.uuid4())
             out.append(ReserveStock(org, rid, f"order-{n}", f"{n:024x}", now + 3600,
-                                    (ReserveLine(variant, "wh-1", 1),)))
+                                    (ReserveLine(variant, wh, 1),)))
         return out
 
     async def service_round(batches: int) -> float:
@@ -99,32 +76,23 @@ async def run(a: argparse.Namespace) -> None:
         return time.process_time() - started
 
     conn = await asyncpg.connect(dsn)
-    insert = ("INSERT INTO bench_reservation (id, stock, qty, expires_at)"
-              " SELECT unnest($1::uuid[]), 1, 1, now() + interval '1 hour'")
 
     async def baseline_round(batches: int) -> float:
-        ids = [[uuid.uuid4() for _ in range(a.batch)] for _ in range(batches)]
+        """bench/reserve.py's baseline statements, a transaction per batch instead of per reservation."""
+        orders = [[f"pg-{next(counter)}" for _ in range(a.batch)] for _ in range(batches)]
         started = time.process_time()
-        for batch_ids in ids:
+        for batch_orders in orders:
             async with conn.transaction():
-                for _ in batch_ids:
-                    await conn.execute("UPDATE bench_stock SET reserved = reserved + 1"
-                                       " WHERE id = 1 AND on_hand - reserved >= 1")
-                await conn.execute(insert, batch_ids)
+                for order in batch_orders:
+                    status = await conn.execute(GUARDED_UPDATE, org, variant, wh, 1)
+                    assert status == "UPDATE 1", status
+                    await conn.execute(INSERT_RESERVATION, order, org, order, variant, wh, 1, 3600.0)
         return time.process_time() - started
 
     await service_round(20)  # warm-up: statements prepared, the stock resident
     await baseline_round(20)
-    rows = []
-    for i in range(a.rounds):
-        base = await baseline_round(a.batches)
-        svc = await service_round(a.batches)
-        per = a.batches * a.batch
-        rows.append((base / per * 1e6, svc / per * 1e6))
-        print(f"round {i + 1}: baseline {rows[-1][0]:6.1f} µs/reservation   shard {rows[-1][1]:6.1f} µs/reservation",
-              file=sys.stderr)
-    base_us = min(b for b, _ in rows)
-    svc_us = min(s for _, s in rows)
+    base_us, svc_us = await paired_rounds(a.rounds, a.batches * a.batch, "reservation", ("baseline", "shard"),
+                                          lambda _: baseline_round(a.batches), lambda _: service_round(a.batches))
     print(f"\n== shard path, hot stock, batches of {a.batch}, {a.batches} batches per round, best of {a.rounds} "
           f"rounds (CPU time of this process; Postgres not counted) ==")
     print(f"baseline (guarded UPDATE + INSERT per reservation, a transaction per batch)  {base_us:7.1f} µs/reservation")
@@ -132,15 +100,7 @@ async def run(a: argparse.Namespace) -> None:
     print(f"ratio shard/baseline {svc_us / base_us:.2f}; open lines on the hot stock at the end: "
           f"{core.commands - 1:,}")
     if a.profile:
-        prof = cProfile.Profile()
-        prepared = [batch() for _ in range(a.batches)]
-        prof.enable()
-        for cmds in prepared:
-            await core.process(cmds, time.time())
-        prof.disable()
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
-        print(out.getvalue())
+        print(await cprofile_top(lambda: service_round(a.batches), 30))
     await conn.close()
     await core.stop()
 
