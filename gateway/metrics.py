@@ -47,6 +47,15 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+def _child(cache: dict[Any, Any], metric: Any, value: object) -> Any:
+    """`metric.labels(str(value))`, made once per value: labels() is a lookup under a lock, on
+    the hot path of every call."""
+    child = cache.get(value)
+    if child is None:
+        child = cache[value] = metric.labels(str(value))
+    return child
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -111,8 +120,8 @@ class Metrics:
         self.snapshots = SnapshotCollector()
         r.register(self.snapshots)
         self._rpc_children: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._shard_children: dict[int, Any] = {}
-        self._reservation_children: dict[str, Any] = {}
+        self._shard_children: dict[Any, Any] = {}
+        self._reservation_children: dict[Any, Any] = {}
         self._bridge_seen = 0
 
     # ------------------------------------------------------------ hot path
@@ -127,16 +136,10 @@ class Metrics:
         children[1].observe(seconds)
 
     def reservation(self, outcome: str) -> None:
-        child = self._reservation_children.get(outcome)
-        if child is None:
-            child = self._reservation_children[outcome] = self.reservations.labels(outcome)
-        child.inc()
+        _child(self._reservation_children, self.reservations, outcome).inc()
 
     def shard_call(self, shard: int, seconds: float) -> None:
-        child = self._shard_children.get(shard)
-        if child is None:
-            child = self._shard_children[shard] = self.shard_call_latency.labels(str(shard))
-        child.observe(seconds)
+        _child(self._shard_children, self.shard_call_latency, shard).observe(seconds)
 
     # ------------------------------------------------------------ polled
 
