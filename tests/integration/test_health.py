@@ -189,10 +189,14 @@ async def test_metrics_show_shards_bridge_outbox_dependencies_and_breakers(
     async def polled() -> dict[str, float] | None:
         m = await metrics(service)
         ok = (total(m, "inventory_shard_resident_stocks") >= 1 and total(m, "inventory_shard_batch_size_count") >= 1
-              and total(m, "inventory_shard_commands_total") >= 1)
+              and total(m, "inventory_shard_commands_total") >= 1
+              and all(f'inventory_dependency_up{{dependency="{dep}"}}' in m for dep in DEPENDENCIES))
         return m if ok else None
 
-    m = await eventually(polled, 10, "the health loop polled the shards and the bridge")
+    # The health loop checks Postgres and the shards; the other dependencies are checked by a
+    # readiness request (a kubelet's probe). Run alone, this test must make one itself.
+    assert (await readyz(service))[0] == 200
+    m = await eventually(polled, 10, "the health loop polled the shards, the bridge and every dependency")
     assert total(m, "inventory_shard_up") == 2
     assert total(m, "inventory_bridge_batches_total") >= 1
     for name in ("inventory_outbox_unsent_events", "inventory_outbox_oldest_unsent_age_seconds"):
