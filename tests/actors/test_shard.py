@@ -7,6 +7,7 @@ loop; the last tests run a real `StockShard` on multiprocTCPBase.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import uuid
@@ -30,6 +31,7 @@ from actors.messages import (
 )
 from actors.shard import ShardCore, TimerHeap, states_of
 from persistence.migrate import migrate
+from persistence.store import _batch_statement
 
 DSN = os.environ.get("INVENTORY_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
 SHARDS = 3
@@ -423,3 +425,60 @@ async def test_a_reservation_retried_in_the_batch_that_closed_it_is_refused_as_i
         assert statuses == {"r1": "released", "r2": "active"}
     finally:
         await c.stop()
+
+
+def _plan_nodes(plan: object) -> list[dict[str, object]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan, depth first."""
+    out: list[dict[str, object]] = []
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            out.append(node)
+            stack.extend(v for v in node.values() if isinstance(v, (list, dict)))
+    return out
+
+
+async def test_on_young_tables_the_batch_statements_still_find_rows_by_index(db: asyncpg.Connection) -> None:
+    """The shard's prepared statements keep their generic plans until ANALYZE changes a table's
+    statistics. Planned on a new, near-empty database, the batch's updates were hash joins over
+    a sequential scan of the whole table, kept as the table grew: the shard's session settings
+    must make them index lookups whatever the tables' size when they are planned."""
+    name = "inv_test_plans_" + uuid.uuid4().hex[:8]
+    await db.execute(f'CREATE DATABASE "{name}"')
+    dsn = DSN.rsplit("/", 1)[0] + "/" + name
+    c = ShardCore(ShardConfigure(0, 1, dsn))
+    c.store.lock_id = BASE_SHARD + 99
+    writes = []
+    commit = c.store.commit
+
+    async def capture(w: object) -> None:
+        writes.append(w)
+        await commit(w)  # type: ignore[arg-type]
+
+    try:
+        await migrate(dsn)
+        c.store.commit = capture  # type: ignore[method-assign]
+        o = org()
+        await receive(c, o, "v1", "w1", 5)
+        await c.process([reserve(o, f"r{i}", "v1", 1, 60) for i in range(2)], time.time())
+        await c.process([ReleaseReservation(o, "r0", ("v1",)), ConfirmReservation(o, "r1", ("v1",))], time.time())
+        assert len(writes) == 3
+        conn = c.store.conn
+        assert conn is not None
+        scanned: list[tuple[str, str]] = []
+        for i, w in enumerate(writes):
+            sql, args = _batch_statement(w)  # type: ignore[arg-type]
+            await conn.execute(f"PREPARE plan_check{i} AS {sql}")
+            nulls = ", ".join(["NULL"] * len(args))  # (a generic plan does not depend on the values)
+            plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE plan_check{i}({nulls})"))
+            nodes = _plan_nodes(plan)
+            assert any(n.get("Node Type") == "ModifyTable" for n in nodes)  # (a plan of the writes indeed)
+            scanned += [(str(n["Node Type"]), str(n.get("Relation Name", ""))) for n in nodes
+                        if n.get("Node Type") in ("Seq Scan", "Hash Join", "Merge Join")]
+        assert scanned == []
+    finally:
+        await c.stop()
+        await db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
