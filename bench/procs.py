@@ -185,6 +185,13 @@ def snapshot() -> CpuSnapshot:
     return snap
 
 
+def pid_cpu(pid: int) -> float:
+    """CPU seconds (user + system) one process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(") ", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / CLK_TCK
+
+
 def cpu_by_group(a: CpuSnapshot, b: CpuSnapshot, roles: dict[int, str], dbname: str) -> dict[str, float]:
     """CPU-seconds spent between a and b, by group; "other" is everything else on the machine."""
     groups: dict[str, float] = {}
