@@ -370,7 +370,8 @@ class ShardStore:
     async def connect(self) -> None:
         """Connect and take this shard's lock; raises ShardLockHeld if another copy serves."""
         await self.close()
-        conn = await asyncpg.connect(self.dsn, statement_cache_size=256, server_settings=_SHARD_SESSION)
+        conn = await asyncpg.connect(self.dsn, statement_cache_size=256, server_settings={
+            **_SHARD_SESSION, "application_name": f"inventory-shard-{self.shard_id}"})
         got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
         if not got:
             await conn.close()

@@ -468,6 +468,7 @@ async def test_on_young_tables_the_batch_statements_still_find_rows_by_index(db:
         assert len(writes) == 3
         conn = c.store.conn
         assert conn is not None
+        assert await conn.fetchval("SHOW application_name") == "inventory-shard-0"  # (named for operators)
         scanned: list[tuple[str, str]] = []
         for i, w in enumerate(writes):
             sql, args = _batch_statement(w)  # type: ignore[arg-type]
