@@ -9,7 +9,8 @@ noisy (10-15% run to run) to show a change of a few percent there. This runs a r
 on uvloop against the real Postgres (a database of its own, created afresh) and counts this
 process's CPU time per reservation: decide, apply, building the batch's rows, asyncpg's client
 side; and, apart, the CPU of the Postgres backend serving its connection (read from /proc: the
-server must run on this machine).
+server must run on this machine; /proc counts 10 ms ticks, so keep a round above half a second,
+e.g. `--batches 2000` with `--batch 1`).
 
 The baseline, in the same process and database: the same number of reservations written by
 bench/reserve.py's baseline statements (a guarded UPDATE and an INSERT per reservation, its

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 import uuid
 
@@ -30,6 +31,7 @@ from actors.messages import (
     StockLevelsResult,
 )
 from actors.shard import ShardCore, TimerHeap, states_of
+from persistence import store
 from persistence.migrate import migrate
 from persistence.store import _batch_statement
 
@@ -427,6 +429,13 @@ async def test_a_reservation_retried_in_the_batch_that_closed_it_is_refused_as_i
         await c.stop()
 
 
+# Every statement a shard prepares besides its batch statements (which are made of the parts).
+SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_CLOSED_OF", "_LOAD_REPLIES",
+                         "_EXPIRED_LINES", "_INSERT_STOCKS", "_UPDATE_STOCKS", "_INSERT_MOVEMENTS",
+                         "_UPSERT_LINES", "_UPDATE_LINES", "_DELETE_LINES", "_UPSERT_HEADERS",
+                         "_CLOSE_HEADERS", "_INSERT_REPLIES")
+
+
 def _plan_nodes(plan: object) -> list[dict[str, object]]:
     """Every node of an EXPLAIN (FORMAT JSON) plan, depth first."""
     out: list[dict[str, object]] = []
@@ -441,11 +450,12 @@ def _plan_nodes(plan: object) -> list[dict[str, object]]:
     return out
 
 
-async def test_on_young_tables_the_batch_statements_still_find_rows_by_index(db: asyncpg.Connection) -> None:
+async def test_on_young_tables_the_shard_statements_still_find_rows_by_index(db: asyncpg.Connection) -> None:
     """The shard's prepared statements keep their generic plans until ANALYZE changes a table's
     statistics. Planned on a new, near-empty database, the batch's updates were hash joins over
     a sequential scan of the whole table, kept as the table grew: the shard's session settings
-    must make them index lookups whatever the tables' size when they are planned."""
+    must make every statement it prepares (the batch statements it commits, and each read and
+    part on its own) index lookups whatever the tables' size when they are planned."""
     name = "inv_test_plans_" + uuid.uuid4().hex[:8]
     await db.execute(f'CREATE DATABASE "{name}"')
     dsn = DSN.rsplit("/", 1)[0] + "/" + name
@@ -464,22 +474,26 @@ async def test_on_young_tables_the_batch_statements_still_find_rows_by_index(db:
         o = org()
         await receive(c, o, "v1", "w1", 5)
         await c.process([reserve(o, f"r{i}", "v1", 1, 60) for i in range(2)], time.time())
-        await c.process([ReleaseReservation(o, "r0", ("v1",)), ConfirmReservation(o, "r1", ("v1",))], time.time())
+        await c.process(
+            [ReleaseReservation(o, "r0", ("v1",)), ConfirmReservation(o, "r1", ("v1",))], time.time())
         assert len(writes) == 3
         conn = c.store.conn
         assert conn is not None
-        assert await conn.fetchval("SHOW application_name") == "inventory-shard-0"  # (named for operators)
-        scanned: list[tuple[str, str]] = []
-        for i, w in enumerate(writes):
-            sql, args = _batch_statement(w)  # type: ignore[arg-type]
+        assert await conn.fetchval("SHOW application_name") == f"inventory-shard-0-lock-{BASE_SHARD + 99}"
+        statements = [(f"batch {i}", _batch_statement(w)[0]) for i, w in enumerate(writes)]  # type: ignore[arg-type]
+        statements += [(n, getattr(store, n)) for n in SHARD_READS_AND_PARTS]
+        problems: list[tuple[str, str, str]] = []
+        for i, (label, sql) in enumerate(statements):
             await conn.execute(f"PREPARE plan_check{i} AS {sql}")
-            nulls = ", ".join(["NULL"] * len(args))  # (a generic plan does not depend on the values)
+            params = max(int(n) for n in re.findall(r"\$(\d+)", sql))
+            nulls = ", ".join(["NULL"] * params)  # (a generic plan does not depend on the values)
             plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE plan_check{i}({nulls})"))
-            nodes = _plan_nodes(plan)
-            assert any(n.get("Node Type") == "ModifyTable" for n in nodes)  # (a plan of the writes indeed)
-            scanned += [(str(n["Node Type"]), str(n.get("Relation Name", ""))) for n in nodes
-                        if n.get("Node Type") in ("Seq Scan", "Hash Join", "Merge Join")]
-        assert scanned == []
+            for n in _plan_nodes(plan):
+                kind = str(n.get("Node Type"))
+                if kind in ("Seq Scan", "Hash Join", "Merge Join") or (
+                        kind.endswith("Index Scan") and "Index Cond" not in n):
+                    problems.append((label, kind, str(n.get("Relation Name", ""))))
+        assert problems == []
     finally:
         await c.stop()
         await db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
