@@ -231,14 +231,15 @@ def cmd_reconcile(settings: Settings, organization_id: str | None) -> int:
     """One reconcile run: a line per drifting stock on stdout (and in the log), repairs nothing."""
     import asyncpg
 
-    from persistence import reconcile
+    from persistence import reconcile, session
 
     if not settings.database_url:
         print("inventory reconcile: INVENTORY_DATABASE_URL is required", file=sys.stderr)
         return 2
 
     async def run() -> reconcile.Report:
-        conn = await asyncpg.connect(settings.database_url, timeout=10)
+        conn = await asyncpg.connect(settings.database_url, timeout=10,
+                                     server_settings=session.settings(settings.database_url, "inventory-reconcile"))
         try:
             return await reconcile.check(conn, organization_id)
         finally:

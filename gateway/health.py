@@ -38,7 +38,7 @@ from gateway.config import Settings
 from gateway.flows import Core
 from gateway.http import HttpServer, Response
 from gateway.variant_cache import LocalVariantCache, RedisVariantCache, VariantCache
-from persistence import queries
+from persistence import queries, session
 
 log = logging.getLogger("inventory.health")
 
@@ -226,8 +226,9 @@ class HealthMonitor:
     async def _pg_connection(self) -> asyncpg.Connection:
         if self._pg is None or self._pg.is_closed():
             assert self.settings.database_url
-            self._pg = await asyncpg.connect(self.settings.database_url, timeout=CHECK_TIMEOUT,
-                                             statement_cache_size=0)
+            self._pg = await asyncpg.connect(
+                self.settings.database_url, timeout=CHECK_TIMEOUT, statement_cache_size=0,
+                server_settings=session.settings(self.settings.database_url, "inventory-health"))
         return self._pg
 
     async def _check_postgres(self) -> dict[str, Any] | None:

@@ -48,7 +48,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from gateway import amqp
 from gateway.config import Settings
-from persistence import queries
+from persistence import queries, session
 
 log = logging.getLogger("inventory.relay")
 
@@ -207,7 +207,8 @@ class OutboxRelay:
         if self._db is None or self._db.is_closed():
             self._db = None
             self.stats.active = False
-            self._db = await asyncpg.connect(self.dsn, timeout=10)
+            self._db = await asyncpg.connect(self.dsn, timeout=10,
+                                             server_settings=session.settings(self.dsn, "inventory-relay"))
         if not self.stats.active:
             self.stats.active = bool(await self._db.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK_ID))
             if self.stats.active:

@@ -28,7 +28,7 @@ import asyncpg
 
 from actors.keys import shard_of
 from actors.messages import Command, DoneResult, ExpireReservation, Rejected
-from persistence import queries
+from persistence import queries, session
 
 log = logging.getLogger("inventory.sweep")
 
@@ -92,7 +92,8 @@ class OverdueSweeper:
         if self._conn is None or self._conn.is_closed():
             self._conn = None
             self.active = False
-            self._conn = await asyncpg.connect(self.dsn, timeout=10)
+            self._conn = await asyncpg.connect(self.dsn, timeout=10,
+                                               server_settings=session.settings(self.dsn, "inventory-sweep"))
         if not self.active:
             self.active = bool(await self._conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK_ID))
             if self.active:

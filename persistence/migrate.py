@@ -10,6 +10,8 @@ from importlib import resources
 
 import asyncpg
 
+from persistence import session
+
 _LOCK_ID = 0x1A7E_0001  # arbitrary, constant: "inventory migrations"
 
 
@@ -21,7 +23,7 @@ def migration_files() -> list[tuple[str, str]]:
 
 async def migrate(dsn: str) -> list[str]:
     """Apply pending migrations; returns the names applied now."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, server_settings=session.settings(dsn, "inventory-migrate"))
     try:
         applied_now: list[str] = []
         async with conn.transaction():

@@ -44,7 +44,7 @@ from actors.messages import (
     ThresholdCrossed,
 )
 from actors.stock import HEAP_FROM, Line, PriorReservation, StockState, recompute_next_expiry
-from persistence import outbox
+from persistence import outbox, session
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id)
 
@@ -378,7 +378,7 @@ class ShardStore:
         if self.lock_id != self.shard_id:  # (tests and benches: a lock of their own)
             name += f"-lock-{self.lock_id}"
         conn = await asyncpg.connect(self.dsn, statement_cache_size=256,
-                                     server_settings={**_SHARD_SESSION, "application_name": name})
+                                     server_settings=session.settings(self.dsn, name, **_SHARD_SESSION))
         got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
         if not got:
             await conn.close()

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import grpc
 import pytest
 from catalog_double import RunningCatalog, Serve, catalog_double, ensure_ops_database, http_get, serving
@@ -22,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.pb import inventory_pb2 as pb
 from gateway.pb import inventory_pb2_grpc as pbg
+from persistence.store import SHARD_LOCK_NAMESPACE
 
 pytestmark = pytest.mark.timeout(90)
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "inventory.json"
@@ -205,6 +207,30 @@ async def test_metrics_show_shards_bridge_outbox_dependencies_and_breakers(
         assert m[f'inventory_dependency_up{{dependency="{dep}"}}'] == 1, dep
     for dep in ("catalog", "redis", "postgres"):
         assert m[f'inventory_circuit_breaker_state{{dependency="{dep}"}}'] == 0, dep
+
+
+async def test_each_postgres_session_of_the_service_says_what_it_is(service: Serve) -> None:
+    """In pg_stat_activity an operator tells the shards (each holding its advisory lock), the
+    gateway's pool, the relay and the health checks apart by their application_name."""
+    assert (await readyz(service))[0] == 200  # (the health checks' own connection is opened by a check)
+    conn = await asyncpg.connect(service.database_url)
+    try:
+        async def named() -> set[str] | None:
+            rows = await conn.fetch("SELECT application_name FROM pg_stat_activity WHERE datname = current_database()")
+            names = {r[0] for r in rows}
+            wanted = {"inventory-shard-0", "inventory-shard-1", "inventory-gateway", "inventory-relay",
+                      "inventory-health"}
+            return names if wanted <= names else None
+
+        names = await eventually(named, 10, "every session of the service named")
+        # the shards' sessions are the ones holding the shard locks
+        holders = await conn.fetch(
+            "SELECT a.application_name, l.objid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+            " WHERE l.locktype = 'advisory' AND l.classid = $1 AND a.datname = current_database()",
+            SHARD_LOCK_NAMESPACE)
+        assert sorted((r[0], r[1]) for r in holders) == [("inventory-shard-0", 0), ("inventory-shard-1", 1)], names
+    finally:
+        await conn.close()
 
 
 async def test_an_expired_reservation_is_counted(
