@@ -61,6 +61,7 @@ class ClusterRegistrar(ActorTypeDispatcher):
         self.nodes: list[str] = []
         self.slots: list[Slot | None] = []
         self.ticking = False
+        self.stopping = False  # told to exit (the system shuts down): its shards go with it
 
     # ------------------------------------------------------------ start and map
 
@@ -189,15 +190,21 @@ class ClusterRegistrar(ActorTypeDispatcher):
 
     def receiveMsg_ChildActorExited(self, msg: ChildActorExited, sender: Any) -> None:
         slot = self._slot_of(msg.childAddress)
-        if slot is not None and self.cfg is not None:
+        if slot is not None and self.cfg is not None and not self.stopping:
             self._replace(slot.shard_id, "its process exited")
+
+    def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
+        """The system shuts down (or this registrar is stopped): the shards exit with it, and none
+        may be placed again meanwhile (that logged "shard N goes to node ... (its process exited)"
+        at every orderly stop, and started a shard to stop it at once)."""
+        self.stopping = True
 
     def receiveMsg_PoisonMessage(self, msg: PoisonMessage, sender: Any) -> None:
         log.info("poison from %s: %s", sender, type(msg.poisonMessage).__name__)
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
         self.ticking = False
-        if self.cfg is None:
+        if self.cfg is None or self.stopping:
             return
         now = time.monotonic()
         from actors.envelopes import ShardStatusRequest

@@ -29,13 +29,16 @@ SYSTEM_BASE = "multiprocTCPBase"
 REGISTRAR_NAME = "inventory-registrar"
 
 
-def thespian_logging(level: int = logging.WARNING) -> dict[str, Any]:
-    """A real logging dict for Thespian (logDefs=False crashes every actor process)."""
+def thespian_logging(level: int = logging.WARNING, json: bool = True) -> dict[str, Any]:
+    """A real logging dict for Thespian (logDefs=False crashes every actor process): the actor
+    processes' records on stderr, one JSON object per line as the gateway's (or plain text)."""
+    formatter = {"()": "actors.logs.JsonFormatter"} if json else {
+        "format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "level": level}},
+        "formatters": {"line": formatter},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "line", "level": level}},
         "root": {"handlers": ["stderr"], "level": level},
     }
 
@@ -92,7 +95,8 @@ def node_capabilities(node: str, admin_port: int, leader: str) -> dict[str, Any]
 
 
 def run_node(node: str, admin_port: int, leader: str, dsn: str, shard_count: int,
-             ready_file: str | None = None, passivate_after: float = 600.0, merge_window: float = 0.002) -> int:
+             ready_file: str | None = None, passivate_after: float = 600.0, merge_window: float = 0.002,
+             log_json: bool = True) -> int:
     """`inventory actors --node NAME --admin-port P --leader HOST:PORT`: one node of a convention.
 
     The leader (its own admin port is the leader's) runs the cluster registrar, which places
@@ -109,7 +113,7 @@ def run_node(node: str, admin_port: int, leader: str, dsn: str, shard_count: int
     is_leader = leader_port == admin_port
     use_poll_selector()  # inherited by the actor processes Thespian forks from here
     asys = ActorSystem(SYSTEM_BASE, capabilities=node_capabilities(node, admin_port, leader),
-                       logDefs=thespian_logging())
+                       logDefs=thespian_logging(json=log_json))
     try:
         if is_leader:
             from actors.registrar import ClusterRegistrar

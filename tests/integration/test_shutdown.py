@@ -70,6 +70,11 @@ async def test_sigterm_during_load_loses_no_acknowledged_reservation_and_leaves_
 
         assert code == 0, f"inventory serve exited with {code}:\n{serve.log_tail()}"
         assert await serve.leftovers() == [], "processes outlived inventory serve"
+        # An orderly stop places no shard anew (the registrar once did, for each shard that exited),
+        # and every process of the service, the actor processes too, logs one JSON object per line.
+        lines = [ln for ln in serve.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
+        assert [ln for ln in lines if "goes to node" in ln] == []
+        assert [ln for ln in lines if not ln.startswith("{")] == []
         assert any(t > sigterm_at for t in acked.values()), "no in-flight call finished after SIGTERM"
         assert set(refused) <= {"UNAVAILABLE", "CANCELLED"}, refused
 
