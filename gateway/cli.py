@@ -75,7 +75,7 @@ def cmd_actors(settings: Settings, ready_file: str | None, node: str | None = No
     port = admin_port or settings.actor_port
     return run_node(node or "node-1", port, leader or f"127.0.0.1:{port}", settings.database_url,
                     settings.shards, ready_file, passivate_after=settings.passivate_after_seconds,
-                    merge_window=settings.shard_merge_ms / 1000)
+                    merge_window=settings.shard_merge_ms / 1000, log_json=settings.log_json)
 
 
 def cmd_gateway(settings: Settings) -> int:
@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     call = sub.add_parser("call", help="call one RPC with a JSON request, print the JSON response")
     call.add_argument("method", help="e.g. ReserveStock, GetStock, UpsertWarehouse")
     call.add_argument("json", nargs="?", default="{}", help="the request as JSON (proto field names)")
-    call.add_argument("--target", default=f"127.0.0.1:{os.environ.get('INVENTORY_GRPC_PORT', '50051')}")
-    call.add_argument("--timeout", type=float, default=10.0)
+    call.add_argument("--target", default=f"127.0.0.1:{os.environ.get('INVENTORY_GRPC_PORT', '50051')}",
+                      help="host:port of the service (default: 127.0.0.1 on INVENTORY_GRPC_PORT, else 50051)")
+    call.add_argument("--timeout", type=float, default=10.0, help="deadline of the call, seconds (default 10)")
     env = os.environ
     call.add_argument("--tls", action="store_true", default=env.get("INVENTORY_CALL_TLS", "") in ("1", "true"),
                       help="speak TLS (implied by the options below); without --tls-ca: the system's CA roots")
