@@ -96,7 +96,7 @@ def node_capabilities(node: str, admin_port: int, leader: str) -> dict[str, Any]
 
 def run_node(node: str, admin_port: int, leader: str, dsn: str, shard_count: int,
              ready_file: str | None = None, passivate_after: float = 600.0, merge_window: float = 0.002,
-             log_json: bool = True) -> int:
+             log_json: bool = True, log_level: str = "WARNING") -> int:
     """`inventory actors --node NAME --admin-port P --leader HOST:PORT`: one node of a convention.
 
     The leader (its own admin port is the leader's) runs the cluster registrar, which places
@@ -113,7 +113,7 @@ def run_node(node: str, admin_port: int, leader: str, dsn: str, shard_count: int
     is_leader = leader_port == admin_port
     use_poll_selector()  # inherited by the actor processes Thespian forks from here
     asys = ActorSystem(SYSTEM_BASE, capabilities=node_capabilities(node, admin_port, leader),
-                       logDefs=thespian_logging(json=log_json))
+                       logDefs=thespian_logging(logging.getLevelName(log_level.upper()), json=log_json))
     try:
         if is_leader:
             from actors.registrar import ClusterRegistrar

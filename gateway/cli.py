@@ -75,7 +75,8 @@ def cmd_actors(settings: Settings, ready_file: str | None, node: str | None = No
     port = admin_port or settings.actor_port
     return run_node(node or "node-1", port, leader or f"127.0.0.1:{port}", settings.database_url,
                     settings.shards, ready_file, passivate_after=settings.passivate_after_seconds,
-                    merge_window=settings.shard_merge_ms / 1000, log_json=settings.log_json)
+                    merge_window=settings.shard_merge_ms / 1000, log_json=settings.log_json,
+                    log_level=settings.log_level)
 
 
 def cmd_gateway(settings: Settings) -> int:
