@@ -46,6 +46,7 @@ async def run(a: argparse.Namespace) -> None:
     from actors.keys import shard_of
     from actors.messages import RecordMovement, Rejected, ReserveLine, ReserveStock
     from actors.shard import ShardCore
+    from persistence.store import POSTGRES_PLANNING, set_planning
 
     dsn = dsn_named(a.dsn, a.database)
     org, wh = reserve.ORG, reserve.WAREHOUSE
@@ -56,9 +57,7 @@ async def run(a: argparse.Namespace) -> None:
     await core.start()
     assert core.store.conn is not None
     if a.default_planner:
-        # (SET, not RESET: RESET returns to the values the connection was opened with)
-        await core.store.conn.execute("SET plan_cache_mode = auto; SET enable_seqscan = on; "
-                                      "SET enable_hashjoin = on; SET enable_mergejoin = on")
+        await core.store.conn.execute(set_planning(POSTGRES_PLANNING))
     backend = {"shard": await core.store.conn.fetchval("SELECT pg_backend_pid()")}
     server: dict[str, list[float]] = {"shard": [], "baseline": []}  # the backend's CPU, µs/reservation, by round
     [r] = await core.process([RecordMovement(org, variant, wh, "receipt", 1_000_000_000,

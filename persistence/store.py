@@ -62,8 +62,18 @@ SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id)
 # values tell: it is planned afresh with Postgres's defaults (`_DUE_PLANNING`).
 _SHARD_SESSION = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off", "enable_hashjoin": "off",
                   "enable_mergejoin": "off"}
-_DUE_PLANNING = ("SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL enable_seqscan = on; "
-                 "SET LOCAL enable_hashjoin = on; SET LOCAL enable_mergejoin = on")
+POSTGRES_PLANNING = {"plan_cache_mode": "auto", "enable_seqscan": "on", "enable_hashjoin": "on",
+                     "enable_mergejoin": "on"}  # Postgres's own defaults of the same settings
+
+
+def set_planning(settings: dict[str, str], scope: str = "") -> str:
+    """The SET statements for `settings` (`scope` "LOCAL": for the transaction). Not RESET or
+    DEFAULT: those return to the values the connection was opened with, the shard's own."""
+    verb = f"SET {scope} " if scope else "SET "
+    return "; ".join(f"{verb}{name} = {value}" for name, value in settings.items())
+
+
+_DUE_PLANNING = set_planning({**POSTGRES_PLANNING, "plan_cache_mode": "force_custom_plan"}, "LOCAL")
 
 
 class ShardLockHeld(Exception):
