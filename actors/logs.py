@@ -14,6 +14,8 @@ import msgspec
 FIELDS = ("organization_id", "variant_id", "warehouse_id", "reservation_id", "order_id", "request_id",
           "shard_id", "event_id")
 
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"  # INVENTORY_LOG_JSON=false
+
 _encode = msgspec.json.Encoder().encode
 
 

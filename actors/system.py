@@ -21,6 +21,7 @@ from typing import Any
 from thespian.actors import ActorSystem, ActorTypeDispatcher
 
 from actors.envelopes import ClusterStart, ShardMap, ShardMapRequest
+from actors.logs import PLAIN_FORMAT
 from actors.transport import use_poll_selector
 
 log = logging.getLogger("inventory.actors")
@@ -32,8 +33,7 @@ REGISTRAR_NAME = "inventory-registrar"
 def thespian_logging(level: int = logging.WARNING, json: bool = True) -> dict[str, Any]:
     """A real logging dict for Thespian (logDefs=False crashes every actor process): the actor
     processes' records on stderr, one JSON object per line as the gateway's (or plain text)."""
-    formatter = {"()": "actors.logs.JsonFormatter"} if json else {
-        "format": "%(asctime)s %(levelname)s %(name)s %(message)s"}
+    formatter = {"()": "actors.logs.JsonFormatter"} if json else {"format": PLAIN_FORMAT}
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -175,21 +175,26 @@ def snapshot() -> CpuSnapshot:
                 stat = f.read()
         except OSError:
             continue
-        name, rest = stat.split(" (", 1)[1].rsplit(") ", 1)
-        parts = rest.split()
+        name, seconds = _stat_cpu(stat)
         pid = int(entry)
-        snap.per_pid[pid] = (int(parts[11]) + int(parts[12])) / CLK_TCK  # utime, stime
+        snap.per_pid[pid] = seconds
         snap.names[pid] = name
         if name == "postgres":
             snap.cmdlines[pid] = cmdline(pid)
     return snap
 
 
+def _stat_cpu(stat: str) -> tuple[str, float]:
+    """(command name, CPU seconds: utime + stime) from the text of a /proc/<pid>/stat."""
+    name, rest = stat.split(" (", 1)[1].rsplit(") ", 1)
+    parts = rest.split()
+    return name, (int(parts[11]) + int(parts[12])) / CLK_TCK
+
+
 def pid_cpu(pid: int) -> float:
     """CPU seconds (user + system) one process has used so far."""
     with open(f"/proc/{pid}/stat") as f:
-        parts = f.read().rsplit(") ", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / CLK_TCK
+        return _stat_cpu(f.read())[1]
 
 
 def cpu_by_group(a: CpuSnapshot, b: CpuSnapshot, roles: dict[int, str], dbname: str) -> dict[str, float]:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 
-from actors.logs import JsonFormatter
-
-__all__ = ["JsonFormatter", "configure"]
+from actors.logs import PLAIN_FORMAT, JsonFormatter
 
 
 def configure(level: str = "INFO", json: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if json else logging.Formatter(PLAIN_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
