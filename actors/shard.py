@@ -51,6 +51,7 @@ from actors.messages import (
     AbortReservation,
     Command,
     ConfirmReservation,
+    DoneResult,
     Event,
     ExpireReservation,
     ReceiveTransfer,
@@ -61,6 +62,7 @@ from actors.messages import (
     ReservationAborted,
     ReservationExpired,
     ReservationReleased,
+    ReservationResult,
     ReservationShipped,
     ReserveStock,
     SetWarehouseActive,
@@ -85,6 +87,7 @@ from persistence.store import (
     ShardLockHeld,
     ShardStore,
     StaleVersion,
+    Unseen,
     build_write,
 )
 
@@ -227,6 +230,9 @@ class ShardCore:
         self.commits = 0
         self.commit_seconds = 0.0
         self.redecided = 0  # batches decided again: a closed reservation was retried (see `_run`)
+        # Reservations answered as replays lately (organization, reservation) -> when: their
+        # AbortReservation is refused (see `_refused_abort`).
+        self.replays: dict[tuple[str, str], float] = {}
         self._next_passivation = 0.0
         self._loaded_since_freeze = 0
 
@@ -276,10 +282,10 @@ class ShardCore:
 
         due = self.timers.pop_due(now)
         internal: list[Command] = [ExpireReservation(org, "", variant) for _, org, variant in due]
+        replies: list[Reply] = []  # of the passes committed
         try:
             pending = internal + commands
             fired: Sequence[VariantKey] = [(org, variant) for _, org, variant in due]
-            replies = []
             while pending:  # in one pass unless a reservation is asked for again after it closed here
                 try:
                     part, done = await self._run(pending, now, fired)
@@ -293,7 +299,7 @@ class ShardCore:
                     part, done = await self._run(pending, now, fired, optimistic=False)
                 replies += part
                 pending, fired = pending[done:], ()
-        except Exception as e:  # noqa: BLE001 - any failure: the batch is answered unavailable, memory dropped
+        except Exception as e:  # noqa: BLE001 - any failure: the rest is answered unavailable, memory dropped
             for entry in due:
                 self.timers.arm(*entry)
             if isinstance(e, StaleVersion):
@@ -303,7 +309,11 @@ class ShardCore:
             # Whatever happened, memory may now disagree with Postgres: start clean.
             await self.store.close()
             self.forget_states()
-            return [Rejected("unavailable", "the change could not be committed; retry")] * len(commands)
+            # A pass that committed before (the batch ran in several) keeps its answers: they
+            # are what Postgres holds, and a retry of a movement without a key would apply twice.
+            failed = Rejected("unavailable", "the change could not be committed; retry")
+            replies += [failed] * (len(internal) + len(commands) - len(replies))
+            return replies[len(internal):]
         self.batches += 1
         self.commands += len(commands)
         self._maybe_passivate(now)
@@ -336,6 +346,7 @@ class ShardCore:
         replies: list[Reply] = []
         reply_rows: list[tuple[str, str, bytes]] = []
         closed_here: set[tuple[str, str]] = set()  # (organization, reservation) closed by this prefix
+        made: dict[tuple[str, str], str] = {}  # (organization, reservation) reserved or replayed here -> items hash
         done = len(commands)
         for i, cmd in enumerate(commands):
             if isinstance(cmd, ReserveStock) and (cmd.organization_id, cmd.reservation_id) in closed_here:
@@ -343,6 +354,15 @@ class ShardCore:
                 break
             if isinstance(cmd, SetWarehouseActive):
                 replies.append(self._set_warehouse_active(cmd))
+                continue
+            if isinstance(cmd, ReserveStock):
+                held = made.get((cmd.organization_id, cmd.reservation_id))
+                if held is not None and held != cmd.items_hash:  # (Postgres cannot tell: not committed yet)
+                    replies.append(Rejected("conflict", f"order already has reservation {cmd.reservation_id} "
+                                                        "with other items"))
+                    continue
+            elif isinstance(cmd, AbortReservation) and self._refused_abort(cmd, now):
+                replies.append(DoneResult(changed=False))
                 continue
             ikey = idempotency_key(cmd)
             if ikey and (cmd.organization_id, ikey) in stored:
@@ -371,6 +391,11 @@ class ShardCore:
                     closed_here.add((key[0], event.reservation_id))
             events.extend(decision.events)
             replies.append(decision.reply)
+            if isinstance(decision.reply, ReservationResult):
+                made[(cmd.organization_id, cmd.reservation_id)] = cmd.items_hash  # type: ignore[union-attr]
+                if decision.reply.replayed:
+                    self.replays.pop((cmd.organization_id, cmd.reservation_id), None)
+                    self.replays[(cmd.organization_id, cmd.reservation_id)] = now
             if ikey and not isinstance(decision.reply, Rejected):
                 stored[(cmd.organization_id, ikey)] = decision.reply
                 reply_rows.append((cmd.organization_id, ikey, _reply_codec.encode(decision.reply)))
@@ -388,6 +413,19 @@ class ShardCore:
             self.commit_seconds += time.perf_counter() - started
         self._swap_in(working, created, fired)
         return replies, done
+
+    def _refused_abort(self, cmd: AbortReservation, now: float) -> bool:
+        """An abort undoes the part a ReserveStock call made when another shard's part of that
+        call failed (`gateway.flows.reserve`). If a call for the same order was answered with
+        these lines as a replay since, that call reported the reservation made: the abort of
+        the first call must not take its lines away (they stay, until their TTL at worst).
+        Remembered in memory for REPLAY_MEMORY seconds, far longer than any call's deadline."""
+        while self.replays:
+            first = next(iter(self.replays.items()))
+            if now - first[1] <= REPLAY_MEMORY:
+                break
+            del self.replays[first[0]]
+        return (cmd.organization_id, cmd.reservation_id) in self.replays
 
     def _view(self, cmd: Command, working: dict[StockKey, StockState],
               created: dict[VariantKey, list[StockKey]]) -> dict[StockKey, StockState]:
@@ -450,19 +488,21 @@ class ShardCore:
             gc.freeze()  # long-lived entities: keep them out of every future collection
             self._loaded_since_freeze = 0
 
-    def _unseen(self, commands: list[Command]) -> list[tuple[str, str]]:
-        """(organization, reservation) of each ReserveStock with no line open in memory."""
-        wanted = []
+    def _unseen(self, commands: list[Command]) -> list[Unseen]:
+        """Each ReserveStock with no line open in memory, as (organization, reservation, items
+        hash, variant) for each of its variants: what the commit checks (`store._SEEN_BEFORE`)."""
+        wanted: list[Unseen] = []
         for cmd in commands:
             if not isinstance(cmd, ReserveStock):
                 continue
+            variants = variants_of(cmd)
             open_here = any(
                 get_line(state, cmd.reservation_id) is not None
-                for variant in variants_of(cmd)
+                for variant in variants
                 for state in states_of(self.residents.get((cmd.organization_id, variant)))
             )
             if not open_here:
-                wanted.append((cmd.organization_id, cmd.reservation_id))
+                wanted += [(cmd.organization_id, cmd.reservation_id, cmd.items_hash, v) for v in variants]
         return wanted
 
     async def _stored_replies(self, commands: list[Command]) -> dict[tuple[str, str], Reply]:
@@ -471,8 +511,6 @@ class ShardCore:
         return {k: _reply_codec.decode(v, type=Reply) for k, v in raw.items()}  # type: ignore[arg-type]
 
     def _set_warehouse_active(self, cmd: SetWarehouseActive) -> Reply:
-        from actors.messages import DoneResult
-
         changed = False
         for (org, _), resident in self.residents.items():
             if org != cmd.organization_id:
@@ -525,6 +563,7 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 _MERGE = "merge"  # the payload of the wakeup that ends a merge window
+REPLAY_MEMORY = 600.0  # seconds a replay refuses the aborts of its reservation (see ShardCore._refused_abort)
 _SEVERAL_FOR = 1.0  # seconds a gateway counts as sending work after its last non-empty batch
 
 

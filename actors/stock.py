@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgspec
 
@@ -219,10 +220,53 @@ def _pop_line(state: StockState, reservation_id: str) -> None:
 class PriorReservation(msgspec.Struct, frozen=True, gc=False):
     """What the store remembers of a reservation that is no longer open in this shard."""
 
-    status: str  # released | expired | shipped
+    status: str  # released | expired | shipped | conflict (lines of other items: items_hash is theirs)
     items_hash: str
     expires_at: float
     lines: tuple[ReservedLine, ...]
+
+
+class PriorLine(NamedTuple):
+    """A line of a reservation as Postgres remembers it."""
+
+    variant_id: str
+    warehouse_id: str
+    quantity: int
+    status: str
+    items_hash: str
+    expires_at: float
+
+
+_OPEN = ("active", "confirmed")
+
+
+def prior_of(lines: Sequence[PriorLine], items_hash: str, variants: Collection[str]) -> PriorReservation | None:
+    """What a ReserveStock of `items_hash` whose lines here are on `variants`, none open in this
+    shard's memory, must be decided against; None: it is new here.
+
+    * A line with other items: the order was reserved with other items (a conflict).
+    * Lines on `variants`: this shard's part of the reservation, closed (an open one would be
+      in memory): a retry after its release, expiry or shipment.
+    * Otherwise lines all closed: the reservation is closed everywhere.
+    * Otherwise (open lines of the same items elsewhere, or none): another shard's part of
+      the same reservation, or nothing; new here.
+    """
+    if not lines:
+        return None
+    other = next((ln for ln in lines if ln.items_hash != items_hash), None)
+    if other is not None:
+        return PriorReservation("conflict", other.items_hash, other.expires_at, ())
+    here = [ln for ln in lines if ln.variant_id in variants]
+    if not here:
+        if any(ln.status in _OPEN for ln in lines):
+            return None
+        here = list(lines)
+    statuses = {ln.status for ln in here}
+    if statuses & set(_OPEN):  # (not expected: open lines here are in memory)
+        return None
+    status = "shipped" if "shipped" in statuses else ("expired" if "expired" in statuses else "released")
+    return PriorReservation(status=status, items_hash=items_hash, expires_at=max(ln.expires_at for ln in here),
+                            lines=tuple(ReservedLine(ln.variant_id, ln.warehouse_id, ln.quantity) for ln in here))
 
 
 class Decision(msgspec.Struct, frozen=True, gc=False):
@@ -711,9 +755,11 @@ def _close(w: _Work, cmd: _CloseCommand) -> Decision:
             w.emit(k, ReservationReleased(rid, ln.quantity, cmd.reason))
         return w.finish(DoneResult(changed=bool(found)))
     if isinstance(cmd, AbortReservation):
-        for k, ln in found:
+        # Only what the aborting call made: lines confirmed since belong to a call that succeeded.
+        undone = [(k, ln) for k, ln in found if not ln.confirmed]
+        for k, ln in undone:
             w.emit(k, ReservationAborted(rid, ln.quantity))
-        return w.finish(DoneResult(changed=bool(found)))
+        return w.finish(DoneResult(changed=bool(undone)))
     if not found:
         why = "has expired" if rid in w.expired_now else "is no longer open"
         return w.finish(Rejected("closed", f"reservation {rid} {why}"))

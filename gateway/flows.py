@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
 import asyncpg
@@ -202,8 +202,11 @@ async def reserve(core: Core, org: str, order_id: str, merged: dict[tuple[str, s
         replayed = all(r.replayed for r in results)
         core.metrics.reservation("replayed" if replayed else "reserved")
         return ReservationResult(rid, max(r.expires_at for r in results), lines, replayed=replayed)
-    # Compensation: undo the groups that did reserve, so the call has no effect at all.
-    done = [(s, groups[s]) for s, r in zip(shards, replies) if isinstance(r, ReservationResult)]
+    # Compensation: undo the parts this call made, so that it has no effect at all. A part
+    # answered as a replay was made by an earlier call for this order, which may have succeeded
+    # (and been confirmed): not this call's to undo. (A part whose answer was lost may have
+    # committed: it is held until its TTL. Aborting it could take away an earlier call's part.)
+    done = [(s, groups[s]) for s, r in zip(shards, replies) if isinstance(r, ReservationResult) and not r.replayed]
     if done:
         undo = await core.bridge.call_many(
             [(s, AbortReservation(org, rid, tuple(sorted({ln.variant_id for ln in lines}))))
@@ -264,6 +267,11 @@ async def confirm(core: Core, org: str, rid: str) -> None:
         raise FlowError("not_found", f"reservation {rid} not found")
     closed = {ln.status for ln in lines} - {"active", "confirmed", "shipped"}
     if closed:
+        # Part of it expired or was released: the reservation as a whole is closed. Its other
+        # parts are released (a confirmed part has no TTL: nothing else would ever free it).
+        still_open = [ln.variant_id for ln in lines if ln.status in ("active", "confirmed")]
+        if still_open:
+            await _release_parts(core, org, rid, core.by_shard(org, still_open), min(closed))
         raise FlowError("closed", f"reservation {rid} is {min(closed)}")
     active = [ln.variant_id for ln in lines if ln.status == "active"]
     if not active:
@@ -274,12 +282,22 @@ async def confirm(core: Core, org: str, rid: str) -> None:
     failed = [r for r in replies if isinstance(r, Rejected)]
     if not failed:
         return
-    confirmed = [s for s, r in zip(shards, replies) if not isinstance(r, Rejected)]
-    if confirmed and any(f.code == "closed" for f in failed):
-        # Part expired while the rest confirmed: the reservation as a whole has expired.
-        await core.bridge.call_many(
-            [(s, ReleaseReservation(org, rid, groups[s], "expired")) for s in confirmed])
+    if any(f.code == "closed" for f in failed):
+        # Part expired while the rest confirmed (or may have: a lost answer): the reservation as
+        # a whole has expired, and every part but the closed ones is released.
+        rest = {s: groups[s] for s, r in zip(shards, replies) if not (isinstance(r, Rejected) and r.code == "closed")}
+        if rest:
+            await _release_parts(core, org, rid, rest, "expired")
     raise_rejected(_worst(failed))
+
+
+async def _release_parts(core: Core, org: str, rid: str, groups: Mapping[int, tuple[str, ...]], reason: str) -> None:
+    """Release these parts of a reservation, or raise (unavailable): a retry of the call then
+    finds the reservation closed in part and releases the rest again."""
+    replies = await core.bridge.call_many([(s, ReleaseReservation(org, rid, vs, reason)) for s, vs in groups.items()])
+    for reply in replies:
+        if isinstance(reply, Rejected):
+            raise_rejected(reply)
 
 
 

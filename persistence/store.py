@@ -35,7 +35,6 @@ from actors.messages import (
     ReservationExpired,
     ReservationReleased,
     ReservationShipped,
-    ReservedLine,
     StockArchived,
     StockCreated,
     StockKey,
@@ -43,7 +42,15 @@ from actors.messages import (
     StockReserved,
     ThresholdCrossed,
 )
-from actors.stock import HEAP_FROM, Line, PriorReservation, StockState, recompute_next_expiry
+from actors.stock import (
+    HEAP_FROM,
+    Line,
+    PriorLine,
+    PriorReservation,
+    StockState,
+    prior_of,
+    recompute_next_expiry,
+)
 from persistence import outbox, session
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id)
@@ -96,6 +103,10 @@ def _ts(epoch: float) -> datetime:
 # ---------------------------------------------------------------- the write of one batch
 
 
+Unseen = tuple[str, str, str, str]
+"""A ReserveStock the shard took for new: (organization, reservation, items hash, one of its variants)."""
+
+
 @dataclass
 class BatchWrite:
     """Rows of one batch, coalesced so each primary key appears once per statement."""
@@ -113,7 +124,7 @@ class BatchWrite:
     replies: list[tuple[str, str, bytes]] = field(default_factory=list)
     # (organization, reservation) decided as never seen, without looking in Postgres: the
     # statement fails (ClosedReservationRetried) if Postgres knows one of them closed
-    unseen: Sequence[tuple[str, str]] = ()
+    unseen: Sequence[Unseen] = ()
 
     def __bool__(self) -> bool:
         return bool(self.new_stocks or self.changed_stocks or self.events or self.replies)
@@ -251,12 +262,17 @@ CROSS JOIN LATERAL (SELECT * FROM reservation_lines l WHERE l.organization_id = 
                     OFFSET 0) l
 """
 
-# The reservations of $1/$2 that Postgres remembers closed: lines, none of them open. The
-# same rule as load_priors: open lines elsewhere are another shard's part of the reservation.
-_CLOSED_OF = """
-SELECT 1 FROM unnest($1::text[], $2::text[]) AS u(o, r)
-WHERE (SELECT bool_and(l.status NOT IN ('active', 'confirmed')) FROM reservation_lines l
-       WHERE l.organization_id = u.o AND l.reservation_id = u.r)
+# The reservations a shard took for new ($1 organization, $2 reservation, $3 items hash, one
+# row per variant $4 of the command's lines here) that are not: Postgres has a line of the
+# reservation with other items (the same order asked again with other items: a conflict), a
+# line on one of these variants (this shard's part, closed since it is not open in memory:
+# a retry after release, expiry or shipment), or lines all closed (a retry of a reservation
+# closed everywhere). Open lines elsewhere, with the same items, are another shard's part.
+# `prior_of` applies the same rule to the rows of _LOAD_PRIORS.
+_SEEN_BEFORE = """
+SELECT 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(o, r, h, v)
+WHERE (SELECT bool_or(l.items_hash <> u.h OR l.variant_id = u.v) OR bool_and(l.status NOT IN ('active', 'confirmed'))
+       FROM reservation_lines l WHERE l.organization_id = u.o AND l.reservation_id = u.r)
 """
 
 _LOAD_DUE = """
@@ -460,24 +476,22 @@ class ShardStore:
                 count += len(rows)
         return count
 
-    async def load_priors(self, ids: Sequence[tuple[str, str]]) -> dict[tuple[str, str], PriorReservation]:
-        """What is remembered of reservations not open in memory (closed, or never made)."""
-        if not ids:
+    async def load_priors(self, unseen: Sequence[Unseen]) -> dict[tuple[str, str], PriorReservation]:
+        """What is remembered of reservations not open in memory (see `prior_of`)."""
+        if not unseen:
             return {}
-        rows = await self._c().fetch(_LOAD_PRIORS, [i[0] for i in ids], [i[1] for i in ids])
+        asked: dict[tuple[str, str], tuple[str, set[str]]] = {}
+        for org, rid, items_hash, variant in unseen:
+            asked.setdefault((org, rid), (items_hash, set()))[1].add(variant)
+        rows = await self._c().fetch(_LOAD_PRIORS, [i[0] for i in asked], [i[1] for i in asked])
         grouped: dict[tuple[str, str], list[asyncpg.Record]] = {}
         for r in rows:
             grouped.setdefault((r[0], r[1]), []).append(r)
         priors = {}
         for ident, lines in grouped.items():
-            statuses = {r[5] for r in lines}
-            if statuses & {"active", "confirmed"}:
-                continue  # open lines live in memory; these belong to a stock being activated
-            status = "shipped" if "shipped" in statuses else ("expired" if "expired" in statuses else "released")
-            priors[ident] = PriorReservation(
-                status=status, items_hash=lines[0][6], expires_at=lines[0][7],
-                lines=tuple(ReservedLine(r[2], r[3], r[4]) for r in lines),
-            )
+            prior = prior_of([PriorLine(*r[2:8]) for r in lines], *asked[ident])
+            if prior is not None:
+                priors[ident] = prior
         return priors
 
     async def load_replies(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
@@ -583,7 +597,7 @@ def _batch_statement(w: BatchWrite) -> tuple[str, list[object]]:
     if w.replies:
         part(_INSERT_REPLIES, _columns(w.replies, 3))
     if w.unseen:
-        name = part(_CLOSED_OF, _columns(list(w.unseen), 2))
+        name = part(_SEEN_BEFORE, _columns(list(w.unseen), 4))
         checks.append(f"inventory_expect_unseen((SELECT count(*) FROM {name}))")
     value = (f"(SELECT coalesce(json_agg(c), '[]')::text FROM {closed} c "
              "WHERE c.open_lines = 0 AND c.status = 'expired')") if closed else "'[]'::text"

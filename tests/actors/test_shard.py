@@ -19,6 +19,7 @@ import pytest
 from actors.envelopes import ShardConfigure
 from actors.keys import shard_of
 from actors.messages import (
+    AbortReservation,
     ConfirmReservation,
     DoneResult,
     ReadStock,
@@ -429,8 +430,127 @@ async def test_a_reservation_retried_in_the_batch_that_closed_it_is_refused_as_i
         await c.stop()
 
 
+async def test_the_same_order_with_other_items_is_a_conflict_even_on_other_variants(db: asyncpg.Connection) -> None:
+    """ALREADY_EXISTS for the same order with other items, whether the other items' lines are on
+    the same variants or not, in a later batch (Postgres knows) or in the same one (it does not yet)."""
+    c, o = core(), org()
+    vx, vy = variant_in(o, 0, "x"), variant_in(o, 0, "y")
+    try:
+        await receive(c, o, vx, "w1", 5)
+        await receive(c, o, vy, "w1", 5)
+        first = ReserveStock(o, "r1", "order-1", "hash-x", time.time() + 60, (ReserveLine(vx, "", 1),))
+        other = ReserveStock(o, "r1", "order-1", "hash-y", time.time() + 60, (ReserveLine(vy, "", 2),))
+        [made] = await c.process([first], time.time())
+        assert isinstance(made, ReservationResult)
+        [again] = await c.process([other], time.time())
+        assert isinstance(again, Rejected) and again.code == "conflict", again
+        c.forget_states()  # from Postgres alone too
+        [again] = await c.process([other], time.time())
+        assert isinstance(again, Rejected) and again.code == "conflict", again
+        one, two = await c.process([reserve(o, "r2", vx, 1, 60),
+                                    ReserveStock(o, "r2", "order-r2", "other", time.time() + 60,
+                                                 (ReserveLine(vy, "", 1),))], time.time())
+        assert isinstance(one, ReservationResult)
+        assert isinstance(two, Rejected) and two.code == "conflict", two
+        lines = await db.fetch("SELECT reservation_id, variant_id, quantity FROM reservation_lines"
+                               " WHERE organization_id=$1 ORDER BY reservation_id", o)
+        assert [tuple(r) for r in lines] == [("r1", vx, 1), ("r2", vx, 1)]
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1 AND variant_id=$2", o, vy) == 0
+    finally:
+        await c.stop()
+
+
+async def test_a_retry_is_refused_where_its_part_closed_while_another_shards_part_is_open(
+        db: asyncpg.Connection) -> None:
+    """A reservation across two shards, released (or expired) on one only: a retry of the order is
+    `closed` on that one, not made again there because the other part is still open."""
+    a, b, o = core(0), core(1), org()
+    va, vb = variant_in(o, 0), variant_in(o, 1)
+    try:
+        await receive(a, o, va, "w1", 5)
+        await receive(b, o, vb, "w1", 5)
+        expires = time.time() + 60
+        part_a = ReserveStock(o, "rx", "order-x", "hx", expires, (ReserveLine(va, "", 2),))
+        part_b = ReserveStock(o, "rx", "order-x", "hx", expires, (ReserveLine(vb, "", 3),))
+        for c, cmd in ((a, part_a), (b, part_b)):
+            [r] = await c.process([cmd], time.time())
+            assert isinstance(r, ReservationResult)
+        [released] = await a.process([ReleaseReservation(o, "rx", (va,))], time.time())
+        assert isinstance(released, DoneResult) and released.changed
+        [again] = await a.process([part_a], time.time())
+        assert isinstance(again, Rejected) and again.code == "closed", again
+        a.forget_states()
+        [again] = await a.process([part_a], time.time())
+        assert isinstance(again, Rejected) and again.code == "closed", again
+        [replay] = await b.process([part_b], time.time())
+        assert isinstance(replay, ReservationResult) and replay.replayed
+        rows = dict(await db.fetch("SELECT variant_id, status FROM reservation_lines WHERE organization_id=$1", o))
+        assert rows == {va: "released", vb: "active"}
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1 AND variant_id=$2", o, va) == 0
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_an_abort_spares_lines_replayed_or_confirmed_since(db: asyncpg.Connection) -> None:
+    """The compensation of a failed call must not take away what another call for the same order
+    reported made: lines it was answered as a replay, or confirmed since."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 10)
+        for rid in ("r1", "r2", "r3"):
+            [made] = await c.process([reserve(o, rid, v, 1, 60)], time.time())
+            assert isinstance(made, ReservationResult) and not made.replayed
+        [replay] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())  # another call for order r1
+        assert isinstance(replay, ReservationResult) and replay.replayed
+        await c.process([ConfirmReservation(o, "r2", (v,))], time.time())
+        spared1, spared2, aborted = await c.process(
+            [AbortReservation(o, rid, (v,)) for rid in ("r1", "r2", "r3")], time.time())
+        assert spared1 == DoneResult(changed=False) and spared2 == DoneResult(changed=False)
+        assert aborted == DoneResult(changed=True)
+        rows = dict(await db.fetch("SELECT reservation_id, status FROM reservation_lines WHERE organization_id=$1", o))
+        assert rows == {"r1": "active", "r2": "confirmed"}
+        assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 2
+    finally:
+        await c.stop()
+
+
+async def test_a_batch_run_in_two_passes_keeps_the_answers_of_the_pass_that_committed(db: asyncpg.Connection) -> None:
+    """A batch with a retry of a reservation it closed runs in two commits. If the second fails,
+    the first's commands are answered as committed (a receipt without a key retried on
+    `unavailable` would be applied twice), the second's `unavailable`."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        cmd = reserve(o, "r1", v, 2, 60)
+        [first] = await c.process([cmd], time.time())
+        assert isinstance(first, ReservationResult)
+        # A real failure of the second commit: Postgres refuses one ledger row of it.
+        await db.execute(f"""
+            CREATE OR REPLACE FUNCTION boom_{o.replace('-', '_')}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF NEW.reason = 'boom' THEN RAISE EXCEPTION 'boom'; END IF; RETURN NEW; END $$""")
+        await db.execute(f"CREATE TRIGGER boom_{o.replace('-', '_')} BEFORE INSERT ON movements FOR EACH ROW"
+                         f" WHEN (NEW.organization_id = '{o}') EXECUTE FUNCTION boom_{o.replace('-', '_')}()")
+        try:
+            receipt, released, again, boom = await c.process(
+                [RecordMovement(o, v, "w1", "receipt", 3), ReleaseReservation(o, "r1", (v,)), cmd,
+                 RecordMovement(o, v, "w1", "receipt", 1, reason="boom")], time.time())
+        finally:
+            await db.execute(f"DROP TRIGGER boom_{o.replace('-', '_')} ON movements")
+            await db.execute(f"DROP FUNCTION boom_{o.replace('-', '_')}()")
+        assert isinstance(receipt, DoneResult) and isinstance(released, DoneResult) and released.changed
+        assert isinstance(again, Rejected) and again.code == "unavailable"
+        assert isinstance(boom, Rejected) and boom.code == "unavailable"
+        row = await db.fetchrow("SELECT on_hand, reserved FROM stocks WHERE organization_id=$1", o)
+        assert (row["on_hand"], row["reserved"]) == (8, 0)
+    finally:
+        await c.stop()
+
+
 # Every statement a shard prepares besides its batch statements (which are made of the parts).
-SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_CLOSED_OF", "_LOAD_REPLIES",
+SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_SEEN_BEFORE", "_LOAD_REPLIES",
                          "_EXPIRED_LINES", "_INSERT_STOCKS", "_UPDATE_STOCKS", "_INSERT_MOVEMENTS",
                          "_UPSERT_LINES", "_UPDATE_LINES", "_DELETE_LINES", "_UPSERT_HEADERS",
                          "_CLOSE_HEADERS", "_INSERT_REPLIES")

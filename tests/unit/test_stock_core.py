@@ -51,6 +51,7 @@ from actors.stock import (
     MAX_QUANTITY,
     Choice,
     Decision,
+    PriorLine,
     PriorReservation,
     StockState,
     apply,
@@ -61,6 +62,7 @@ from actors.stock import (
     level,
     line_ids,
     open_lines,
+    prior_of,
     replay,
 )
 
@@ -1070,3 +1072,43 @@ def test_shipping_a_transfer_beyond_the_destination_int32_range_is_invalid() -> 
     reply = shard.send(ShipTransfer(ORG, V, "w1", "w2", 5, "t1")).reply
     assert isinstance(reply, Rejected) and reply.code == "invalid"
     assert shard.stock("w2").in_transit <= MAX_QUANTITY
+
+
+# ---------------------------------------------------------------- what a retried order is decided against
+
+
+def _pl(variant: str, status: str, items_hash: str = "h") -> PriorLine:
+    return PriorLine(variant, "w1", 1, status, items_hash, 100.0)
+
+
+@pytest.mark.parametrize(("lines", "expected"), [
+    ([], None),  # never made
+    ([_pl("b", "active")], None),  # another shard's part, open: this part is new
+    ([_pl("a", "released"), _pl("b", "active")], "released"),  # this part closed, the other open
+    ([_pl("a", "expired")], "expired"),
+    ([_pl("a", "shipped"), _pl("b", "shipped")], "shipped"),
+    ([_pl("b", "expired")], "expired"),  # closed everywhere, though none of it here
+    ([_pl("b", "active", "other")], "conflict"),  # the order holds other items
+    ([_pl("a", "released", "other")], "conflict"),
+])
+def test_a_reserve_not_open_in_memory_is_decided_against_what_postgres_remembers(
+        lines: list[PriorLine], expected: str | None) -> None:
+    prior = prior_of(lines, "h", {"a"})
+    assert (prior.status if prior else None) == expected
+    if prior is not None and expected != "conflict":
+        here = [ln for ln in lines if ln.variant_id == "a"] or lines
+        assert [ln.variant_id for ln in prior.lines] == [ln.variant_id for ln in here]
+    if expected == "conflict":
+        assert prior is not None and prior.items_hash == "other"
+
+
+def test_an_abort_leaves_confirmed_lines() -> None:
+    shard = ShardFake(stock("w1", on_hand=10))
+    for rid in ("r1", "r2"):
+        assert isinstance(shard.send(reserve(rid, (V, "w1", 2))).reply, ReservationResult)
+    shard.send(ConfirmReservation(ORG, "r1", (V,)))
+    d = shard.send(AbortReservation(ORG, "r1", (V,)))
+    assert d.events == [] and d.reply == DoneResult(changed=False)
+    d = shard.send(AbortReservation(ORG, "r2", (V,)))
+    assert [type(e).__name__ for _, e in d.events] == ["ReservationAborted"] and d.reply == DoneResult(changed=True)
+    assert shard.stock("w1").reserved == 2
