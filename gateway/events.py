@@ -178,8 +178,9 @@ class Incoming:
 
     @property
     def dedupe_key(self) -> str:
-        """The inbox key: "<event>:<event_id or message_id>" ("" when the message has neither)."""
-        return f"{self.event}:{self.event_id}" if self.event_id else ""
+        """The inbox key: "<organization>:<event>:<event_id or message_id>" ("" when the message
+        has neither). With the organization: two tenants' publishers may reuse an id."""
+        return f"{self.organization_id}:{self.event}:{self.event_id}" if self.event_id else ""
 
     @property
     def unique_id(self) -> str:
@@ -468,6 +469,10 @@ MAX_RETRY_DELAY = 60.0
 LAG_POLL_SECONDS = 5.0
 ERROR_HEADER = "x-inventory-error"
 ATTEMPTS_HEADER = "x-inventory-attempts"
+# On a copy (retry, dead letter) of a message that had no AMQP message_id: the broker client
+# gives every message it publishes one, and a random id there would change the copy's identity
+# (its inbox key, the keys of its effects) from the original's.
+NO_MESSAGE_ID_HEADER = "x-inventory-no-message-id"
 _DROPPED_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
                     "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 
@@ -647,7 +652,7 @@ class EventConsumers:
     async def _process(self, spec: amqp.ConsumedQueue, names: amqp.Names, message: AbstractIncomingMessage) -> None:
         attempts = _int_header(message, ATTEMPTS_HEADER)
         try:
-            msg = parse(message.body, spec.routing_keys, self.settings.default_organization_id, message.message_id)
+            msg = parse(message.body, spec.routing_keys, self.settings.default_organization_id, _message_id(message))
             if message.routing_key not in (msg.event, names.queue):  # the queue's name: a retry coming back
                 raise Malformed(f"routing key {(message.routing_key or '')[:100]!r} does not match event "
                                 f"{msg.event!r}")
@@ -779,9 +784,16 @@ def _int_header(message: AbstractIncomingMessage, name: str) -> int:
         return 0
 
 
+def _message_id(message: AbstractIncomingMessage) -> str | None:
+    """The message's AMQP message_id as its publisher set it (None if none: see NO_MESSAGE_ID_HEADER)."""
+    return None if (message.headers or {}).get(NO_MESSAGE_ID_HEADER) else message.message_id
+
+
 def _copy(message: AbstractIncomingMessage, headers: dict[str, Any], expiration: float | None = None) -> aio_pika.Message:
     kept = {k: v for k, v in (message.headers or {}).items() if k not in _DROPPED_HEADERS}
     kept.update(headers)
+    if not message.message_id:
+        kept[NO_MESSAGE_ID_HEADER] = True
     return aio_pika.Message(
         message.body, headers=kept, content_type=message.content_type, content_encoding=message.content_encoding,
         message_id=message.message_id, correlation_id=message.correlation_id, type=message.type,

@@ -246,8 +246,8 @@ class EventsService:
     async def handled(self, event: str, event_id: str, timeout: float = 15.0) -> str:
         """Wait until the service's inbox says the message was handled; returns its outcome."""
         async def probe() -> str | None:
-            row = await self.db.fetchrow("SELECT status, outcome FROM inbox WHERE message_key = $1",
-                                         f"{event}:{event_id}")
+            row = await self.db.fetchrow("SELECT status, outcome FROM inbox WHERE message_key LIKE $1",
+                                         f"%:{event}:{event_id}")  # (keys begin with the organization)
             return row["outcome"] if row and row["status"] == "done" else None
 
         return await until(probe, timeout, f"{event} {event_id} handled")

@@ -192,7 +192,7 @@ class Catalog:
 
         async def handled() -> bool:
             return await self.db.fetchval("SELECT status FROM inbox WHERE message_key = $1",
-                                          f"{event}:{event_id}") == "done"
+                                          f"{org}:{event}:{event_id}") == "done"
 
         await eventually(handled, timeout=20, what=f"{event} for {org} handled")
 

@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import aio_pika
@@ -26,7 +27,17 @@ from conftest import eventually
 
 from gateway import amqp
 from gateway.config import Settings
-from gateway.events import EventConsumers, Incoming, Malformed, OrderPlaced, Refused, Transient, parse
+from gateway.events import (
+    EventConsumers,
+    Incoming,
+    Malformed,
+    OrderPlaced,
+    Refused,
+    Transient,
+    _copy,
+    _message_id,
+    parse,
+)
 from persistence.migrate import migrate
 
 AMQP_URL = os.environ.get("INVENTORY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -187,12 +198,15 @@ def test_the_organization_comes_from_the_envelope_then_the_data_then_the_default
     assert isinstance(default.data, OrderPlaced) and default.data.items[0].warehouse_id == ""
 
 
-def test_the_dedupe_key_is_the_event_id_else_the_message_id() -> None:
+def test_the_dedupe_key_is_the_organization_and_the_event_id_else_the_message_id() -> None:
     body = {"event": "order.confirmed", "data": {"order_id": "o1"}}
     assert parse(json.dumps({**body, "event_id": "e1"}).encode(), ORDER_EVENTS, "d", "m1").dedupe_key == \
-        "order.confirmed:e1"
-    assert parse(json.dumps(body).encode(), ORDER_EVENTS, "d", "m1").dedupe_key == "order.confirmed:m1"
+        "d:order.confirmed:e1"
+    assert parse(json.dumps(body).encode(), ORDER_EVENTS, "d", "m1").dedupe_key == "d:order.confirmed:m1"
     assert parse(json.dumps(body).encode(), ORDER_EVENTS, "d", None).dedupe_key == ""
+    # two tenants' publishers may reuse an id: one tenant's event must not pass for the other's
+    assert parse(json.dumps({**body, "organization_id": "a", "event_id": "e1"}).encode(), ORDER_EVENTS, "d").dedupe_key \
+        != parse(json.dumps({**body, "organization_id": "b", "event_id": "e1"}).encode(), ORDER_EVENTS, "d").dedupe_key
 
 
 @pytest.mark.parametrize(("body", "reason"), [
@@ -282,6 +296,32 @@ async def test_a_transient_failure_is_retried_with_backoff_and_then_handled_once
     assert rig.consumers.stats.dead_lettered == 0
 
 
+async def test_a_copy_of_a_message_without_message_id_keeps_having_none(rig: Rig) -> None:
+    """Publishers that set no AMQP message_id (most clients' default) exist; the broker client
+    gives any message it publishes one, so a retry or dead-letter copy must say it had none:
+    otherwise the copy's identity (its inbox key, its effects' keys) is a new random id, and
+    what the original did in part is done again."""
+
+    def original(message_id: str | None) -> Any:  # what the consumer got: the fields `_copy` reads
+        return SimpleNamespace(body=b"{}", headers={"x-death": [], "custom": "kept"}, message_id=message_id,
+                               content_type="application/json", content_encoding=None, correlation_id=None,
+                               type=None, timestamp=None, app_id=None)
+
+    queue = await rig.channel.declare_queue(exclusive=True, auto_delete=True)
+    for original_id in (None, "m-1"):
+        await rig.channel.default_exchange.publish(_copy(original(original_id), {"x-inventory-attempts": 1}),
+                                                   routing_key=queue.name)
+        got = await queue.get(timeout=5)
+        assert got is not None
+        await got.ack()
+        assert got.message_id  # the broker client gave it one either way
+        assert _message_id(got) == original_id
+        assert got.headers["custom"] == "kept" and "x-death" not in got.headers
+        parsed = parse(json.dumps({"event": "order.confirmed", "data": {"order_id": "o1"}}).encode(),
+                       ORDER_EVENTS, "d", _message_id(got))
+        assert parsed.dedupe_key == ("" if original_id is None else "d:order.confirmed:m-1")
+
+
 async def test_a_failure_that_persists_is_dead_lettered_after_the_last_attempt_never_looping(rig: Rig) -> None:
     await rig.publish(rig.event("order.confirmed", "fail-99-b"))
     (dead,) = await rig.dead_letters(1)
@@ -314,7 +354,7 @@ async def test_the_same_event_id_or_message_id_twice_has_no_second_effect(rig: R
     assert rig.handler.handled.count(("order.confirmed", "no-id")) == 2
     assert rig.consumers.stats.duplicates == 2
     outcome = await rig.pool.fetchval("SELECT outcome FROM inbox WHERE queue = $1 AND message_key = $2",
-                                      rig.names.queue, f"order.confirmed:{event_id}")
+                                      rig.names.queue, f"{rig.org}:order.confirmed:{event_id}")
     assert outcome == "ok"
 
 
