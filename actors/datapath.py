@@ -84,9 +84,19 @@ class Frames:
         return out
 
 
+KEEPALIVE = (30, 10, 3)  # idle seconds before probes, seconds between them, probes lost: a dead peer in about a minute
+
+
 def tune(sock: socket.socket) -> socket.socket:
-    """Non-blocking (a read takes what has arrived), small frames leave at once (no Nagle delay)."""
+    """Non-blocking (a read takes what has arrived), small frames leave at once (no Nagle delay),
+    and TCP keepalive: a peer whose host vanished without closing is dropped, not kept for good."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # (Linux; elsewhere the system's defaults)
+        idle, interval, count = KEEPALIVE
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
     sock.setblocking(False)
     return sock
 

@@ -246,8 +246,14 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
             self.core.pool, queries.WarehouseRow(org, wid, request.name, request.active)))
         self.core.warehouses.forget(org)
         # Resident stocks learn the new state at once; stocks activated later read it from Postgres.
-        await self.core.bridge.call_many(
-            [(s, SetWarehouseActive(org, wid, row.active)) for s in range(self.core.bridge.shard_count)])
+        # A shard that did not take it would go on with the old one: the call fails (unavailable)
+        # and a retry (an upsert is idempotent) tells every shard again.
+        shards = range(self.core.bridge.shard_count)
+        replies = await self.core.bridge.call_many([(s, SetWarehouseActive(org, wid, row.active)) for s in shards])
+        missed = [s for s, r in zip(shards, replies) if isinstance(r, Rejected)]
+        if missed:
+            raise FlowError("unavailable", f"warehouse {wid} saved, but shards {', '.join(map(str, missed))} did not "
+                                           "take its active state; retry")
         return pb.Warehouse(organization_id=row.organization_id, warehouse_id=row.warehouse_id,
                             name=row.name, active=row.active)
 

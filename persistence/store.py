@@ -390,6 +390,11 @@ def _columns(rows: Sequence[Sequence[object]], n: int) -> list[list[object]]:
 class ShardStore:
     """One connection, one advisory lock, one writer."""
 
+    # Seconds a statement may take before the batch fails (and the connection, with the lock,
+    # is closed). Without it a Postgres that stops answering, connection open, held the shard
+    # (and its lock, so no replacement could serve) until the kernel gave up on the connection.
+    command_timeout = 15.0
+
     def __init__(self, dsn: str, shard_id: int, shard_count: int, lock_id: int | None = None) -> None:
         self.dsn = dsn
         self.shard_id = shard_id
@@ -403,7 +408,8 @@ class ShardStore:
         name = f"inventory-shard-{self.shard_id}"
         if self.lock_id != self.shard_id:  # (tests and benches: a lock of their own)
             name += f"-lock-{self.lock_id}"
-        conn = await asyncpg.connect(self.dsn, statement_cache_size=256,
+        conn = await asyncpg.connect(self.dsn, statement_cache_size=256, command_timeout=self.command_timeout,
+                                     timeout=self.command_timeout,
                                      server_settings=session.settings(self.dsn, name, **_SHARD_SESSION))
         got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
         if not got:

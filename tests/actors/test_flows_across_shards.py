@@ -24,6 +24,8 @@ from actors.shard import ShardCore
 from gateway import flows
 from gateway.config import Settings
 from gateway.flows import Core, FlowError
+from gateway.pb import inventory_pb2 as pb
+from gateway.service import AdminServicer
 from persistence.migrate import migrate
 
 DSN = os.environ.get("INVENTORY_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
@@ -172,4 +174,24 @@ async def test_a_confirm_retried_after_a_part_closed_releases_what_is_still_held
         await flows.confirm(core, org, rid)
     assert failed.value.code == "closed"
     assert await lines(pool, org) == {v0: "released", v1: "released"}
+    assert await reserved(pool, org) == {v0: 0, v1: 0}
+
+
+async def test_a_warehouse_deactivated_while_a_shard_cannot_take_it_fails_until_every_shard_has(env) -> None:  # type: ignore[no-untyped-def]
+    """A shard that misses the new state would go on reserving from an inactive warehouse: the
+    call must not answer OK then, and its retry must reach that shard."""
+    core, bridge, pool, org = env
+    admin = AdminServicer(core)
+    v0, v1 = await stocked(bridge, org)
+    await admin._upsert_warehouse(pb.Warehouse(organization_id=org, warehouse_id="w1", name="W1", active=True))
+    bridge.down = {1}
+    with pytest.raises(FlowError) as failed:
+        await admin._upsert_warehouse(pb.Warehouse(organization_id=org, warehouse_id="w1", name="W1", active=False))
+    assert failed.value.code == "unavailable" and "shards 1" in failed.value.message
+    bridge.down = set()
+    await admin._upsert_warehouse(pb.Warehouse(organization_id=org, warehouse_id="w1", name="W1", active=False))
+    for v in (v0, v1):
+        with pytest.raises(FlowError) as refused:
+            await flows.reserve(core, org, "order-" + v, {(v, ""): 1}, time.time() + 60)
+        assert refused.value.code == "insufficient_stock"
     assert await reserved(pool, org) == {v0: 0, v1: 0}

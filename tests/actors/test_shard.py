@@ -549,6 +549,35 @@ async def test_a_batch_run_in_two_passes_keeps_the_answers_of_the_pass_that_comm
         await c.stop()
 
 
+async def test_a_shard_whose_postgres_stops_answering_fails_the_batch_and_frees_its_lock(db: asyncpg.Connection) -> None:
+    """A statement that does not come back (here: a row lock another session holds) fails the
+    batch after the shard's command timeout, and the connection goes with its lock, so that
+    a replacement can serve."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    c.store.command_timeout = 1.0
+    blocker = await asyncpg.connect(DSN)
+    try:
+        await receive(c, o, v, "w1", 5)
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM stocks WHERE organization_id=$1 FOR UPDATE", o)
+        started = time.monotonic()
+        [reply] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(reply, Rejected) and reply.code == "unavailable"
+        assert time.monotonic() - started < 10
+        twin = core()  # the same shard id and lock: a replacement
+        try:
+            await twin.store.connect()
+            assert twin.store.healthy
+        finally:
+            await twin.stop()
+        await tx.rollback()
+    finally:
+        await blocker.close()
+        await c.stop()
+
+
 # Every statement a shard prepares besides its batch statements (which are made of the parts).
 SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_SEEN_BEFORE", "_LOAD_REPLIES",
                          "_EXPIRED_LINES", "_INSERT_STOCKS", "_UPDATE_STOCKS", "_INSERT_MOVEMENTS",

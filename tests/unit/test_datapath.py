@@ -81,3 +81,24 @@ def test_a_read_with_nothing_arrived_returns_at_once_and_keeps_the_connection() 
     finally:
         client.close()
         listener.close()
+
+
+def test_both_ends_of_a_batch_connection_send_keepalives() -> None:
+    """A gateway host that vanishes without closing must not leave its connection on the shard
+    for good (nor a shard's on the gateway)."""
+    import socket
+
+    listener = Listener("127.0.0.1", "127.0.0.1")
+    try:
+        gateway_end = connect(listener.address, timeout=2)
+        deadline = time.monotonic() + 2
+        while not listener.peers and time.monotonic() < deadline:
+            listener.ready([listener.sock.fileno()])
+            time.sleep(0.01)
+        [shard_end] = listener.peers.values()
+        for peer in (gateway_end, shard_end):
+            assert peer.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert peer.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+        gateway_end.close()
+    finally:
+        listener.close()
