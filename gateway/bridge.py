@@ -39,8 +39,22 @@ from thespian.system import isInternalActorSystemMessage
 from thespian.system.transport import ReceiveEnvelope
 
 from actors.envelopes import ShardBatch, ShardBatchResult, ShardMap, ShardMapRequest
-from actors.messages import Command, Rejected, Reply, encode_batch
-from gateway.lanes import Lane, answer, fail
+from actors.messages import (
+    AbortReservation,
+    Command,
+    ConfirmReservation,
+    ReadStock,
+    ReceiveTransfer,
+    Rejected,
+    ReleaseReservation,
+    Reply,
+    ReserveStock,
+    SetWarehouseActive,
+    ShipReservation,
+    ShipTransfer,
+    encode_batch,
+)
+from gateway.lanes import MOVED, Lane, answer, fail
 
 log = logging.getLogger("inventory.bridge")
 
@@ -113,6 +127,18 @@ class ShardUnavailable(Exception):
     pass
 
 
+MOVED_RETRIES = 2  # times a call follows its shard to a new place
+_SAFE_AGAIN = (ReserveStock, ReleaseReservation, ConfirmReservation, ShipReservation, AbortReservation, ReadStock,
+               SetWarehouseActive, ShipTransfer, ReceiveTransfer)  # (transfers: once per transfer id)
+
+
+def retry_safe(command: Command) -> bool:
+    """May `command` be sent again though it may have been applied? Reservations are idempotent
+    per order (a repeat is a replay), closes and reads change nothing the second time, and a
+    movement with an idempotency key is applied once. A movement without one is not."""
+    return isinstance(command, _SAFE_AGAIN) or bool(getattr(command, "idempotency_key", ""))
+
+
 class ActorBridge:
     """Owns the thread that talks to the shards. Start it from the event loop that will await it."""
 
@@ -156,6 +182,7 @@ class ActorBridge:
         self._next_map = 0.0
         self._map_asked = 0.0  # when the unanswered map request left (0: none outstanding)
         self.stats = BridgeStats()
+        self.moved_retries = 0  # calls sent again because their shard moved
         self._queue: queue.SimpleQueue[tuple[int, Command, asyncio.Future[Reply]] | None] = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -180,6 +207,19 @@ class ActorBridge:
             raise self._error
 
     async def call(self, shard: int, command: Command) -> Reply:
+        """The shard's answer to `command`. A command whose batch failed because its shard moved
+        (a new address in the map) is sent again, to the new place, if a repetition of it is
+        harmless: it may have been committed by the old incarnation before it went."""
+        reply = await self._call(shard, command)
+        for _ in range(MOVED_RETRIES):
+            if not (isinstance(reply, Rejected) and reply.code == "unavailable" and reply.message.endswith(MOVED)
+                    and retry_safe(command)):
+                break
+            self.moved_retries += 1
+            reply = await self._call(shard, command)
+        return reply
+
+    async def _call(self, shard: int, command: Command) -> Reply:
         assert self._loop is not None, "bridge not started"
         if self._stopping.is_set():
             return Rejected("unavailable", "the service is shutting down")
@@ -384,7 +424,7 @@ class ActorBridge:
             self.map_updates += 1
             for batch_id, entry in list(inflight.items()):
                 if entry[0] == shard:
-                    self._drop(inflight, busy, batch_id, f"shard {shard} moved; retry")
+                    self._drop(inflight, busy, batch_id, f"shard {shard} {MOVED}")
 
     def _on_other(self, msg: Any, inflight: dict[int, _Inflight], busy: list[int]) -> None:
         """A PoisonMessage means the shard failed on our batch: fail its callers."""

@@ -30,6 +30,7 @@ from actors.messages import Command, Rejected, Reply, decode_replies, encode_bat
 log = logging.getLogger("inventory.bridge")
 
 CONNECT_TIMEOUT = 1.0
+MOVED = "moved; retry"  # the end of the message with which a move of its shard fails a batch in flight
 RECONNECT_FIRST, RECONNECT_MAX = 1.0, 30.0  # backoff after a failed connect, doubling
 
 _Item = tuple[Command, "asyncio.Future[Reply]"]
@@ -91,7 +92,7 @@ class Lane:
         self._retry_at = 0.0
         self._backoff = RECONNECT_FIRST
         if self.peer is None or self.peer.name != address:
-            self.lost(f"shard {self.shard} moved; retry")
+            self.lost(f"shard {self.shard} {MOVED}")
 
     def close(self) -> None:
         self.closed = True

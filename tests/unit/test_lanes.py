@@ -94,3 +94,30 @@ async def test_a_shard_that_cannot_be_reached_is_not_tried_again_before_its_back
     started = time.monotonic()
     assert not await lane.ready()  # within the backoff: no second connect
     assert time.monotonic() - started < 0.1
+
+
+async def test_a_call_whose_shard_moves_while_in_flight_follows_it_if_a_repeat_is_harmless() -> None:
+    """The map gives the shard a new address while a batch is in flight there: a read (or a
+    reservation, idempotent per order) is answered by the new place; a movement without an
+    idempotency key (it may have been applied before the move) fails unavailable."""
+    from actors.messages import RecordMovement
+    from gateway.bridge import ActorBridge
+
+    old, new = FakeShard(delay=0.5), FakeShard(delay=0.0)
+    bridge = ActorBridge(lambda: None, [object()], data_addresses=[old.address], reply_timeout=10.0)
+    bridge._loop = asyncio.get_running_loop()  # (the Thespian thread is not needed for the batch path)
+    try:
+        read = asyncio.ensure_future(bridge.call(0, ReadStock("o", "v", "")))
+        receipt = asyncio.ensure_future(bridge.call(0, RecordMovement("o", "v", "w", "receipt", 1)))
+        await asyncio.sleep(0.1)  # both in flight to the old place
+        bridge.data_addresses[0] = new.address
+        bridge.lanes[0].moved(new.address)
+        assert await asyncio.wait_for(read, 5) == DoneResult(changed=False)
+        moved = await asyncio.wait_for(receipt, 5)
+        assert isinstance(moved, Rejected) and moved.code == "unavailable" and "moved" in moved.message
+        assert bridge.moved_retries == 1 and new.sizes == [1]
+    finally:
+        for lane in bridge.lanes:
+            lane.close()
+        old.close()
+        new.close()
