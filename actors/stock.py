@@ -220,7 +220,7 @@ def _pop_line(state: StockState, reservation_id: str) -> None:
 class PriorReservation(msgspec.Struct, frozen=True, gc=False):
     """What the store remembers of a reservation that is no longer open in this shard."""
 
-    status: str  # released | expired | shipped | conflict (lines of other items: items_hash is theirs)
+    status: str  # released | expired | shipped | cancelled (before it was made) | conflict (other items: their hash)
     items_hash: str
     expires_at: float
     lines: tuple[ReservedLine, ...]

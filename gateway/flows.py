@@ -261,6 +261,26 @@ async def release(core: Core, org: str, rid: str, reason: str) -> bool:
     return any(isinstance(r, DoneResult) and r.changed for r in replies)
 
 
+async def cancel_order(core: Core, org: str, order_id: str, reason: str) -> str:
+    """An order cancelled (order.cancelled): its reservation released; if it has none (yet), a
+    mark that makes the shards refuse it later: an order.placed retried behind this message,
+    or a ReserveStock late over gRPC, is then `closed` instead of holding stock until its TTL."""
+    rid = reservation_id(org, order_id)
+    try:
+        return "released" if await release(core, org, rid, reason) else "already released"
+    except FlowError as e:
+        if e.code != "not_found":
+            raise
+    try:
+        marked = await queries.mark_cancelled(core.pool, org, rid, order_id)
+    except (OSError, asyncpg.PostgresError) as e:
+        raise unavailable(e) from None
+    if marked:
+        return "nothing reserved"
+    # Made meanwhile (its header has open lines): release it.
+    return "released" if await release(core, org, rid, reason) else "already released"
+
+
 async def confirm(core: Core, org: str, rid: str) -> None:
     lines = await core.lines_of(org, rid)
     if not lines:

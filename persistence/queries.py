@@ -77,11 +77,35 @@ async def list_warehouses(pool: asyncpg.Pool, organization_id: str) -> list[Ware
     return [WarehouseRow(*r) for r in rows]
 
 
+async def mark_cancelled(pool: asyncpg.Pool, organization_id: str, reservation_id: str, order_id: str) -> bool:
+    """Leave the header of a reservation cancelled before it was made, so that shards refuse to
+    make it later (a ReserveStock or an order.placed behind the cancellation). False: the header
+    has open lines (made meanwhile: release them). The shards' header write and this one meet
+    on the header's key, so one of the two sees the other."""
+    row = await pool.fetchval(
+        """INSERT INTO reservations (reservation_id, organization_id, order_id, items_hash, expires_at, status,
+                                     open_lines)
+           VALUES ($2, $1, $3, '', now(), 'cancelled', 0)
+           ON CONFLICT (organization_id, reservation_id) DO UPDATE SET status = 'cancelled', updated_at = now()
+           WHERE reservations.open_lines = 0
+           RETURNING 1""", organization_id, reservation_id, order_id)
+    return row is not None
+
+
 async def reservation_lines(pool: asyncpg.Pool, organization_id: str, reservation_id: str) -> list[LineRow]:
     rows = await pool.fetch(
         "SELECT variant_id, warehouse_id, quantity, status FROM reservation_lines"
         " WHERE organization_id = $1 AND reservation_id = $2", organization_id, reservation_id)
     return [LineRow(*r) for r in rows]
+
+
+async def purchase_received(pool: asyncpg.Pool, organization_id: str, purchase_order_id: str,
+                            variant_id: str, warehouse_id: str) -> int:
+    """Units of a purchase order's variant received in a warehouse so far (migration 007's index)."""
+    return int(await pool.fetchval(
+        "SELECT coalesce(sum(on_hand_delta), 0) FROM movements WHERE organization_id = $1 AND reference_id = $2"
+        " AND type = 'purchase_received' AND variant_id = $3 AND warehouse_id = $4",
+        organization_id, purchase_order_id, variant_id, warehouse_id))
 
 
 async def transfer_in_transit(pool: asyncpg.Pool, organization_id: str,

@@ -32,7 +32,7 @@ from actors.messages import (
     StockLevelsResult,
 )
 from actors.shard import ShardCore, TimerHeap, states_of
-from persistence import store
+from persistence import queries, store
 from persistence.migrate import migrate
 from persistence.store import _batch_statement
 
@@ -578,8 +578,25 @@ async def test_a_shard_whose_postgres_stops_answering_fails_the_batch_and_frees_
         await c.stop()
 
 
+async def test_a_cancellation_committed_between_a_batch_check_and_its_write_still_stops_the_write(
+        db: asyncpg.Connection) -> None:
+    """The batch statement checks its new reservations in its snapshot; a cancellation mark that
+    commits after that snapshot is met by the header write itself (the key both write), which
+    then aborts the statement as a retried closed reservation: decided again, refused."""
+    c, o = core(), org()
+    try:
+        await c.store.connect()
+        assert await queries.mark_cancelled(db, o, "r1", "order-1")  # (asyncpg.Connection has fetchval too)
+        w = store.BatchWrite(now=time.time(), opened={"r1": ["r1", o, "order-1", "h", time.time() + 60, 1, "active"]})
+        with pytest.raises(store.ClosedReservationRetried):
+            await c.store.commit(w)
+        assert await db.fetchval("SELECT status FROM reservations WHERE organization_id=$1", o) == "cancelled"
+    finally:
+        await c.stop()
+
+
 # Every statement a shard prepares besides its batch statements (which are made of the parts).
-SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_SEEN_BEFORE", "_LOAD_REPLIES",
+SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_SEEN_BEFORE", "_CANCELLED", "_LOAD_REPLIES",
                          "_EXPIRED_LINES", "_INSERT_STOCKS", "_UPDATE_STOCKS", "_INSERT_MOVEMENTS",
                          "_UPSERT_LINES", "_UPDATE_LINES", "_DELETE_LINES", "_UPSERT_HEADERS",
                          "_CLOSE_HEADERS", "_INSERT_REPLIES")

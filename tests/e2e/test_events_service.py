@@ -537,6 +537,21 @@ async def test_a_cancelled_order_is_released_and_stock_released_is_published(svc
     assert await svc.handled("order.cancelled", nothing) == "nothing reserved"
 
 
+async def test_a_cancellation_that_overtakes_its_order_keeps_the_late_order_from_reserving(
+        svc: EventsService, org: str) -> None:
+    """order.placed failed once and was retried behind its order.cancelled (or another gateway was
+    slower): the late order.placed must not hold stock for a cancelled order until its TTL."""
+    await svc.warehouse(org, "wh_101")
+    await svc.receive(org, "hat", "wh_101", 5)
+    cancelled = await svc.publish("order_events", "order.cancelled", {"order_id": "order_9"}, org)
+    assert await svc.handled("order.cancelled", cancelled) == "nothing reserved"
+    placed = await svc.publish("order_events", "order.placed",
+                               {"order_id": "order_9", "items": [{"variant_id": "hat", "quantity": 2}]}, org)
+    assert (await svc.handled("order.placed", placed)).startswith("nothing to do: reservation")
+    assert (await svc.levels(org, "hat"))["wh_101"].reserved == 0
+    assert await svc.line_statuses(org, "order_9") == []
+
+
 async def test_a_confirmation_that_overtakes_its_order_is_retried_until_the_reservation_exists(
         svc: EventsService, org: str) -> None:
     await svc.warehouse(org, "wh_101")
@@ -658,6 +673,24 @@ async def test_a_purchase_order_is_in_transit_when_created_and_on_hand_when_rece
     level = (await svc.levels(org, "chair"))["wh_101"]
     assert (level.on_hand, level.in_transit, level.status) == (50, 0, "active")
     await svc.wait_for(org, "inventory.stock.updated", on_hand=50, in_transit=0)
+
+
+async def test_a_purchase_order_created_after_its_receipt_puts_in_transit_only_what_has_not_arrived(
+        svc: EventsService, org: str) -> None:
+    """purchase_order.created failed once and was retried behind its .received: what arrived
+    must not stay in transit (nor the stock pending_purchase) for good."""
+    await svc.warehouse(org, "wh_101")
+    delivered = {"purchase_order_id": "po_2", "warehouse_id": "wh_101",
+                 "items": [{"variant_id": "desk", "quantity": 20}, {"variant_id": "lamp", "quantity": 5}]}
+    received = await svc.publish("purchasing_events", "purchase_order.received", delivered, org)
+    assert await svc.handled("purchase_order.received", received) == "purchase_received (2 stocks)"
+    ordered = {**delivered, "items": [{"variant_id": "desk", "quantity": 50}, {"variant_id": "lamp", "quantity": 5}]}
+    created = await svc.publish("purchasing_events", "purchase_order.created", ordered, org)
+    await svc.handled("purchase_order.created", created)
+    desk = (await svc.levels(org, "desk"))["wh_101"]
+    lamp = (await svc.levels(org, "lamp"))["wh_101"]
+    assert (desk.on_hand, desk.in_transit, desk.status) == (20, 30, "pending_purchase")
+    assert (lamp.on_hand, lamp.in_transit, lamp.status) == (5, 0, "active")
 
 
 async def test_a_received_purchase_order_publishes_a_receipt_movement(svc: EventsService, org: str) -> None:
