@@ -34,6 +34,8 @@ active one, the last error) for a collector to read; the backlog itself is a que
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -52,6 +54,7 @@ from persistence import queries, session
 
 log = logging.getLogger("inventory.relay")
 
+LOW_LEVEL = "inventory.stock.low_level"
 RELAY_LOCK_ID = 0x1A7E_0002  # arbitrary, constant: "the inventory outbox relay"
 CONFIRM_TIMEOUT = 30.0
 PUBLISH_SLICE = 25  # publishes started per event-loop turn  # seconds for one batch's publishes and confirms
@@ -224,6 +227,7 @@ class OutboxRelay:
         self.stats.rounds += 1
         if not rows:
             return 0
+        rows = await self._named(rows)
         try:  # a robust channel is ready once its connection is up and it has been restored
             await asyncio.wait_for(self._channel.ready(), READY_TIMEOUT)  # type: ignore[union-attr]
         except TimeoutError:
@@ -270,6 +274,30 @@ class OutboxRelay:
             assert isinstance(failure, BaseException)
             raise failure
         return confirmed
+
+    async def _named(self, rows: list[queries.OutboxEntry]) -> list[queries.OutboxEntry]:
+        """`inventory.stock.low_level` with its warehouse's name (the spec's `warehouse_name`),
+        which the shard that wrote the row does not keep: looked up here, once per warehouse
+        and batch. A warehouse without a row (or a name) leaves it empty."""
+        wanted = [i for i, r in enumerate(rows) if r.event_name == LOW_LEVEL]
+        if not wanted:
+            return rows
+        assert self._db is not None
+        out = list(rows)
+        names: dict[tuple[str, str], str] = {}
+        for i in wanted:
+            body = json.loads(rows[i].payload)
+            data = body.get("data") or {}
+            if data.get("warehouse_name") or not data.get("warehouse_id"):
+                continue
+            key = (body.get("organization_id", ""), data["warehouse_id"])
+            if key not in names:
+                names[key] = await queries.warehouse_name(self._db, *key) or ""
+            if names[key]:
+                data["warehouse_name"] = names[key]
+                payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+                out[i] = dataclasses.replace(rows[i], payload=payload)
+        return out
 
     async def _maybe_prune(self) -> None:
         """Published rows are kept OUTBOX_RETENTION_SECONDS (to look into), then deleted by the active relay."""

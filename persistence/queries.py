@@ -205,6 +205,11 @@ class OutboxEntry:
     payload: str  # the envelope as JSON text, published as is
 
 
+async def warehouse_name(conn: asyncpg.Connection, organization_id: str, warehouse_id: str) -> str | None:
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        "SELECT name FROM warehouses WHERE organization_id = $1 AND warehouse_id = $2", organization_id, warehouse_id)
+
+
 async def outbox_unsent(conn: asyncpg.Connection, limit: int) -> list[OutboxEntry]:
     """The oldest unsent rows in id order (per stock, id order is commit order: one shard writes a stock)."""
     rows = await conn.fetch(
