@@ -78,6 +78,15 @@ def reserve(o: str, rid: str, v: str, qty: int, ttl: float, wh: str = "") -> Res
     return ReserveStock(o, rid, "order-" + rid, "h-" + rid, time.time() + ttl, (ReserveLine(v, wh, qty),))
 
 
+async def reserved_two_of_five(c: ShardCore, o: str, v: str) -> ReserveStock:
+    """5 received in w1, reservation r1 of 2 made: returns its ReserveStock, to retry."""
+    await receive(c, o, v, "w1", 5)
+    cmd = reserve(o, "r1", v, 2, 60)
+    [made] = await c.process([cmd], time.time())
+    assert isinstance(made, ReservationResult)
+    return cmd
+
+
 async def reserved_and_released(c: ShardCore, o: str, v: str, qty: int) -> ReserveStock:
     """5 received in w1, reservation r1 of `qty` made and released: returns its ReserveStock, to retry."""
     await receive(c, o, v, "w1", 5)
@@ -414,10 +423,7 @@ async def test_a_reservation_retried_in_the_batch_that_closed_it_is_refused_as_i
     c, o = core(), org()
     v = variant_in(o, 0)
     try:
-        await receive(c, o, v, "w1", 5)
-        cmd = reserve(o, "r1", v, 2, 60)
-        [first] = await c.process([cmd], time.time())
-        assert isinstance(first, ReservationResult)
+        cmd = await reserved_two_of_five(c, o, v)
         released, again, other = await c.process(
             [ReleaseReservation(o, "r1", (v,)), cmd, reserve(o, "r2", v, 1, 60)], time.time())
         assert isinstance(released, DoneResult) and released.changed
@@ -523,10 +529,7 @@ async def test_a_batch_run_in_two_passes_keeps_the_answers_of_the_pass_that_comm
     c, o = core(), org()
     v = variant_in(o, 0)
     try:
-        await receive(c, o, v, "w1", 5)
-        cmd = reserve(o, "r1", v, 2, 60)
-        [first] = await c.process([cmd], time.time())
-        assert isinstance(first, ReservationResult)
+        cmd = await reserved_two_of_five(c, o, v)
         # A real failure of the second commit: Postgres refuses one ledger row of it.
         await db.execute(f"""
             CREATE OR REPLACE FUNCTION boom_{o.replace('-', '_')}() RETURNS trigger LANGUAGE plpgsql AS $$
