@@ -369,7 +369,8 @@ class ShardCore:
                 replies.append(stored[(cmd.organization_id, ikey)])
                 continue
             view = self._view(cmd, working, created)
-            prior = priors.get((cmd.organization_id, cmd.reservation_id)) if isinstance(cmd, ReserveStock) else None
+            prior = (priors.get((cmd.organization_id, cmd.reservation_id, cmd.items_hash))
+                     if isinstance(cmd, ReserveStock) else None)
             decision = decide(view, cmd, now, prior)
             for key, event in decision.events:
                 if isinstance(event, NOTIFICATIONS):
@@ -394,6 +395,7 @@ class ShardCore:
             if isinstance(decision.reply, ReservationResult):
                 made[(cmd.organization_id, cmd.reservation_id)] = cmd.items_hash  # type: ignore[union-attr]
                 if decision.reply.replayed:
+                    self._forget_replays(now)
                     self.replays.pop((cmd.organization_id, cmd.reservation_id), None)
                     self.replays[(cmd.organization_id, cmd.reservation_id)] = now
             if ikey and not isinstance(decision.reply, Rejected):
@@ -420,12 +422,17 @@ class ShardCore:
         these lines as a replay since, that call reported the reservation made: the abort of
         the first call must not take its lines away (they stay, until their TTL at worst).
         Remembered in memory for REPLAY_MEMORY seconds, far longer than any call's deadline."""
-        while self.replays:
-            first = next(iter(self.replays.items()))
-            if now - first[1] <= REPLAY_MEMORY:
-                break
-            del self.replays[first[0]]
+        self._forget_replays(now)
         return (cmd.organization_id, cmd.reservation_id) in self.replays
+
+    def _forget_replays(self, now: float) -> None:
+        """Drop the marks older than REPLAY_MEMORY (the oldest come first: a mark is moved to the
+        end when set again)."""
+        while self.replays:
+            key, when = next(iter(self.replays.items()))
+            if now - when <= REPLAY_MEMORY:
+                break
+            del self.replays[key]
 
     def _view(self, cmd: Command, working: dict[StockKey, StockState],
               created: dict[VariantKey, list[StockKey]]) -> dict[StockKey, StockState]:

@@ -50,7 +50,6 @@ from actors.messages import (
     Reply,
     ReserveStock,
     SetWarehouseActive,
-    ShipReservation,
     ShipTransfer,
     encode_batch,
 )
@@ -128,14 +127,16 @@ class ShardUnavailable(Exception):
 
 
 MOVED_RETRIES = 2  # times a call follows its shard to a new place
-_SAFE_AGAIN = (ReserveStock, ReleaseReservation, ConfirmReservation, ShipReservation, AbortReservation, ReadStock,
+# Not ShipReservation: shipped by the old incarnation, it is answered `closed` the second time.
+_SAFE_AGAIN = (ReserveStock, ReleaseReservation, ConfirmReservation, AbortReservation, ReadStock,
                SetWarehouseActive, ShipTransfer, ReceiveTransfer)  # (transfers: once per transfer id)
 
 
 def retry_safe(command: Command) -> bool:
     """May `command` be sent again though it may have been applied? Reservations are idempotent
-    per order (a repeat is a replay), closes and reads change nothing the second time, and a
-    movement with an idempotency key is applied once. A movement without one is not."""
+    per order (a repeat is a replay), releases, confirms, aborts and reads change nothing the
+    second time, and a movement with an idempotency key is applied once. A movement without one
+    is not, and a shipment would be answered `closed`."""
     return isinstance(command, _SAFE_AGAIN) or bool(getattr(command, "idempotency_key", ""))
 
 

@@ -440,7 +440,8 @@ class EventHandlers:
             if quantity > MAX_QUANTITY:
                 raise Malformed(f"data.items: total quantity of variant {variant} exceeds int32")
             if kind == "purchase_ordered":
-                # Handled after (part of) its receipt, a retry behind it: what arrived is not in transit.
+                # Handled after (part of) its receipt (a retry behind it): the units that receipt
+                # could not take out of in_transit are not in transit.
                 try:
                     received = await queries.purchase_received(self.core.pool, org, d.purchase_order_id, variant,
                                                                d.warehouse_id)

@@ -266,19 +266,23 @@ async def cancel_order(core: Core, org: str, order_id: str, reason: str) -> str:
     mark that makes the shards refuse it later: an order.placed retried behind this message,
     or a ReserveStock late over gRPC, is then `closed` instead of holding stock until its TTL."""
     rid = reservation_id(org, order_id)
-    try:
-        return "released" if await release(core, org, rid, reason) else "already released"
-    except FlowError as e:
-        if e.code != "not_found":
-            raise
-    try:
-        marked = await queries.mark_cancelled(core.pool, org, rid, order_id)
-    except (OSError, asyncpg.PostgresError) as e:
-        raise unavailable(e) from None
-    if marked:
-        return "nothing reserved"
-    # Made meanwhile (its header has open lines): release it.
-    return "released" if await release(core, org, rid, reason) else "already released"
+    for _ in range(CANCEL_ROUNDS):
+        try:
+            return "released" if await release(core, org, rid, reason) else "already released"
+        except FlowError as e:
+            if e.code != "not_found":
+                raise
+        try:
+            if await queries.mark_cancelled(core.pool, org, rid, order_id):
+                return "nothing reserved"
+        except (OSError, asyncpg.PostgresError) as e:
+            raise unavailable(e) from None
+        # Made meanwhile (its header has open lines): release it; or, if that call undid it
+        # since (another part failed), mark again.
+    raise FlowError("unavailable", f"order {order_id}: its reservation kept changing while it was cancelled; retry")
+
+
+CANCEL_ROUNDS = 3
 
 
 async def confirm(core: Core, org: str, rid: str) -> None:

@@ -101,10 +101,13 @@ async def reservation_lines(pool: asyncpg.Pool, organization_id: str, reservatio
 
 async def purchase_received(pool: asyncpg.Pool, organization_id: str, purchase_order_id: str,
                             variant_id: str, warehouse_id: str) -> int:
-    """Units of a purchase order's variant received in a warehouse so far (migration 007's index)."""
+    """Units of a purchase order's variant received in a warehouse that were not taken out of
+    in_transit (it held less, the order not being in transit yet): what its late
+    `purchase_order.created` must not put in transit. (Migration 007's index.)"""
     return int(await pool.fetchval(
-        "SELECT coalesce(sum(on_hand_delta), 0) FROM movements WHERE organization_id = $1 AND reference_id = $2"
-        " AND type = 'purchase_received' AND variant_id = $3 AND warehouse_id = $4",
+        "SELECT coalesce(sum(on_hand_delta + in_transit_delta), 0) FROM movements"
+        " WHERE organization_id = $1 AND reference_id = $2 AND type = 'purchase_received'"
+        " AND variant_id = $3 AND warehouse_id = $4",
         organization_id, purchase_order_id, variant_id, warehouse_id))
 
 

@@ -93,11 +93,13 @@ class Report:
 async def check(conn: asyncpg.Connection, organization_id: str | None = None) -> Report:
     """Compare every stock (of one organization, or all) with its ledger and open lines."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        rows = await conn.fetch(_DRIFT, organization_id)
-        count = await conn.fetchval(_COUNT, organization_id)
+        # (it reads the whole ledger: not bounded by a pool's command timeout, made for calls)
+        rows = await conn.fetch(_DRIFT, organization_id, timeout=CHECK_TIMEOUT)
+        count = await conn.fetchval(_COUNT, organization_id, timeout=CHECK_TIMEOUT)
     return Report(int(count), tuple(Drift(*r.values()) for r in rows))
 
 
+CHECK_TIMEOUT = 6 * 3600.0  # seconds a check may read (about 1.6 M ledger rows a second on a small machine)
 RECONCILE_LOCK_ID = 0x1A7E_0004  # arbitrary, constant: "the reconciler" (relay 0x1A7E_0002, sweep 0x1A7E_0003)
 
 

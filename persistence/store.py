@@ -254,12 +254,19 @@ CROSS JOIN LATERAL (SELECT * FROM reservation_lines l WHERE l.organization_id = 
                     AND l.status IN ('active', 'confirmed') OFFSET 0) l
 """
 
+# The lines of these reservations, and a row with status 'cancelled' and no variant for each
+# whose order was cancelled before anything was reserved (queries.mark_cancelled).
 _LOAD_PRIORS = """
 SELECT l.organization_id, l.reservation_id, l.variant_id, l.warehouse_id, l.quantity, l.status,
        l.items_hash, extract(epoch FROM l.expires_at)::float8 AS expires_at
 FROM unnest($1::text[], $2::text[]) AS u(o, r)
 CROSS JOIN LATERAL (SELECT * FROM reservation_lines l WHERE l.organization_id = u.o AND l.reservation_id = u.r
                     OFFSET 0) l
+UNION ALL
+SELECT h.organization_id, h.reservation_id, NULL, NULL, NULL, 'cancelled', NULL, NULL
+FROM unnest($1::text[], $2::text[]) AS u(o, r)
+CROSS JOIN LATERAL (SELECT * FROM reservations h WHERE h.organization_id = u.o AND h.reservation_id = u.r
+                    AND h.status = 'cancelled' OFFSET 0) h
 """
 
 # The reservations a shard took for new ($1 organization, $2 reservation, $3 items hash, one
@@ -270,18 +277,15 @@ CROSS JOIN LATERAL (SELECT * FROM reservation_lines l WHERE l.organization_id = 
 # closed everywhere). Open lines elsewhere, with the same items, are another shard's part.
 # `prior_of` applies the same rule to the rows of _LOAD_PRIORS.
 _SEEN_BEFORE = """
-SELECT 1 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS u(o, r, h, v)
-WHERE (SELECT bool_or(l.items_hash <> u.h OR l.variant_id = u.v) OR bool_and(l.status NOT IN ('active', 'confirmed'))
+SELECT 1 FROM unnest($1::text[], $2::text[], $4::text[]) AS u(o, r, v)
+WHERE EXISTS (SELECT 1 FROM reservation_lines l
+              WHERE l.reservation_id = u.r AND l.organization_id = u.o AND l.variant_id = u.v)
+UNION ALL
+SELECT 1 FROM (SELECT DISTINCT o, r, h FROM unnest($1::text[], $2::text[], $3::text[]) AS x(o, r, h)) u
+WHERE (SELECT bool_or(l.items_hash <> u.h) OR bool_and(l.status NOT IN ('active', 'confirmed'))
        FROM reservation_lines l WHERE l.organization_id = u.o AND l.reservation_id = u.r)
    OR EXISTS (SELECT 1 FROM reservations h WHERE h.organization_id = u.o AND h.reservation_id = u.r
               AND h.status = 'cancelled')
-"""
-
-# Of these reservations, those whose order was cancelled before anything was reserved.
-_CANCELLED = """
-SELECT h.organization_id, h.reservation_id FROM unnest($1::text[], $2::text[]) AS u(o, r)
-CROSS JOIN LATERAL (SELECT * FROM reservations h WHERE h.organization_id = u.o AND h.reservation_id = u.r
-                    AND h.status = 'cancelled' OFFSET 0) h
 """
 
 _LOAD_DUE = """
@@ -293,6 +297,7 @@ GROUP BY organization_id, variant_id
 """
 
 _DUE_CHUNK = 20_000
+START_READ_TIMEOUT = 600.0  # seconds for each read of the timers due, at a start
 
 _LOAD_REPLIES = """
 SELECT i.organization_id, i.key, i.reply
@@ -486,31 +491,39 @@ class ShardStore:
             # after a stop, the window from 0 holds every line overdue: a scan of the whole
             # index may then be the worst plan, and only the values say so
             await conn.execute(_DUE_PLANNING)
-            cursor = await conn.cursor(_LOAD_DUE, self.shard_id, self.shard_count, since, until)
-            while rows := await cursor.fetch(_DUE_CHUNK):
+            # (a start after a long stop may find a large overdue backlog: not bounded by the
+            # statement timeout of batches, or the shard would never start)
+            cursor = await conn.cursor(_LOAD_DUE, self.shard_id, self.shard_count, since, until,
+                                       timeout=START_READ_TIMEOUT)
+            while rows := await cursor.fetch(_DUE_CHUNK, timeout=START_READ_TIMEOUT):
                 for r in rows:
                     arm(r[0], r[1], r[2])
                 count += len(rows)
         return count
 
-    async def load_priors(self, unseen: Sequence[Unseen]) -> dict[tuple[str, str], PriorReservation]:
-        """What is remembered of reservations not open in memory (see `prior_of`)."""
+    async def load_priors(self, unseen: Sequence[Unseen]) -> dict[tuple[str, str, str], PriorReservation]:
+        """What is remembered of reservations not open in memory (see `prior_of`), by
+        (organization, reservation, items hash): two calls for one order may differ in items."""
         if not unseen:
             return {}
-        asked: dict[tuple[str, str], tuple[str, set[str]]] = {}
+        asked: dict[tuple[str, str, str], set[str]] = {}
         for org, rid, items_hash, variant in unseen:
-            asked.setdefault((org, rid), (items_hash, set()))[1].add(variant)
-        rows = await self._c().fetch(_LOAD_PRIORS, [i[0] for i in asked], [i[1] for i in asked])
-        grouped: dict[tuple[str, str], list[asyncpg.Record]] = {}
+            asked.setdefault((org, rid, items_hash), set()).add(variant)
+        ids = list(dict.fromkeys((a[0], a[1]) for a in asked))
+        rows = await self._c().fetch(_LOAD_PRIORS, [i[0] for i in ids], [i[1] for i in ids])
+        grouped: dict[tuple[str, str], list[PriorLine]] = {}
+        cancelled: set[tuple[str, str]] = set()
         for r in rows:
-            grouped.setdefault((r[0], r[1]), []).append(r)
+            if r[2] is None:  # (a cancelled header)
+                cancelled.add((r[0], r[1]))
+            else:
+                grouped.setdefault((r[0], r[1]), []).append(PriorLine(*r[2:8]))
         priors = {}
-        for ident, lines in grouped.items():
-            prior = prior_of([PriorLine(*r[2:8]) for r in lines], *asked[ident])
-            if prior is not None:
-                priors[ident] = prior
-        for ident in await self._c().fetch(_CANCELLED, [i[0] for i in asked], [i[1] for i in asked]):
-            priors[(ident[0], ident[1])] = PriorReservation("cancelled", asked[(ident[0], ident[1])][0], 0.0, ())
+        for (org, rid, items_hash), variants in asked.items():
+            if (org, rid) in cancelled:
+                priors[(org, rid, items_hash)] = PriorReservation("cancelled", items_hash, 0.0, ())
+            elif (prior := prior_of(grouped.get((org, rid), []), items_hash, variants)) is not None:
+                priors[(org, rid, items_hash)] = prior
         return priors
 
     async def load_replies(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:

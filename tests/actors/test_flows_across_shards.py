@@ -19,7 +19,19 @@ import pytest
 
 from actors.envelopes import ShardConfigure
 from actors.keys import reservation_id, shard_of
-from actors.messages import Command, ConfirmReservation, RecordMovement, Rejected, ReleaseReservation, Reply
+from actors.messages import (
+    AbortReservation,
+    Command,
+    ConfirmReservation,
+    DoneResult,
+    RecordMovement,
+    Rejected,
+    ReleaseReservation,
+    Reply,
+    ReservationResult,
+    ReserveLine,
+    ReserveStock,
+)
 from actors.shard import ShardCore
 from gateway import flows
 from gateway.config import Settings
@@ -231,3 +243,34 @@ async def test_the_cancellation_mark_is_not_left_on_a_reservation_made_meanwhile
     rid = reservation_id(org, "order-7")
     assert not await queries.mark_cancelled(pool, org, rid, "order-7")
     assert await pool.fetchval("SELECT status FROM reservations WHERE organization_id=$1", org) == "active"
+
+
+async def test_a_cancellation_marks_again_when_a_reservation_made_meanwhile_is_undone_meanwhile(  # type: ignore[no-untyped-def]
+        env, monkeypatch) -> None:
+    """The cancellation finds nothing; a concurrent call makes a part (so the mark is refused),
+    then undoes it (its other part failed): the cancellation must still leave its mark."""
+    core, bridge, pool, org = env
+    v0, _ = await stocked(bridge, org)
+    rid = reservation_id(org, "order-8")
+    real = queries.mark_cancelled
+    calls = []
+
+    async def interleaved(*args: object) -> bool:
+        calls.append(args)
+        if len(calls) == 1:  # the concurrent call's part commits just before this mark...
+            [r] = await bridge.cores[0].process(
+                [ReserveStock(org, rid, "order-8", "h", time.time() + 60, (ReserveLine(v0, "", 1),))], time.time())
+            assert isinstance(r, ReservationResult)
+            marked = await real(*args)  # type: ignore[arg-type]
+            [r] = await bridge.cores[0].process([AbortReservation(org, rid, (v0,))], time.time())  # ...and is undone
+            assert r == DoneResult(changed=True)
+            return marked
+        return await real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queries, "mark_cancelled", interleaved)
+    assert await flows.cancel_order(core, org, "order-8", "order cancelled") == "nothing reserved"
+    assert len(calls) == 2
+    assert await pool.fetchval("SELECT status FROM reservations WHERE organization_id=$1", org) == "cancelled"
+    with pytest.raises(FlowError) as refused:
+        await flows.reserve(core, org, "order-8", {(v0, ""): 1}, time.time() + 60)
+    assert refused.value.code == "closed"

@@ -31,7 +31,7 @@ from actors.messages import (
     ReserveStock,
     StockLevelsResult,
 )
-from actors.shard import ShardCore, TimerHeap, states_of
+from actors.shard import REPLAY_MEMORY, ShardCore, TimerHeap, states_of
 from persistence import queries, store
 from persistence.migrate import migrate
 from persistence.store import _batch_statement
@@ -598,8 +598,49 @@ async def test_a_cancellation_committed_between_a_batch_check_and_its_write_stil
         await c.stop()
 
 
+async def test_two_calls_for_one_order_with_other_items_in_one_batch_are_each_decided_on_their_own_items(
+        db: asyncpg.Connection) -> None:
+    """One batch holds a call with other items (a conflict) and then the reservation's real part
+    (its other part open on another shard). Decided again with what Postgres remembers, each must
+    be decided against its own items: the conflict refused, the part made."""
+    a, b, o = core(0), core(1), org()
+    va, vb = variant_in(o, 0), variant_in(o, 1)
+    try:
+        await receive(a, o, va, "w1", 5)
+        await receive(b, o, vb, "w1", 5)
+        expires = time.time() + 60
+        [r] = await b.process([ReserveStock(o, "rx", "order-x", "good", expires, (ReserveLine(vb, "", 1),))],
+                              time.time())
+        assert isinstance(r, ReservationResult)
+        bad = ReserveStock(o, "rx", "order-x", "bad", expires, (ReserveLine(va, "", 2),))
+        good = ReserveStock(o, "rx", "order-x", "good", expires, (ReserveLine(va, "", 1),))
+        refused, made = await a.process([bad, good], time.time())
+        assert isinstance(refused, Rejected) and refused.code == "conflict", refused
+        assert isinstance(made, ReservationResult), made
+        rows = dict(await db.fetch("SELECT variant_id, quantity FROM reservation_lines WHERE organization_id=$1", o))
+        assert rows == {va: 1, vb: 1}
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_replay_marks_are_forgotten_after_their_time_even_without_aborts(db: asyncpg.Connection) -> None:
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 10)
+        cmds = [reserve(o, f"r{i}", v, 1, 3600) for i in range(3)]
+        await c.process(cmds, time.time())
+        await c.process(cmds[:2], time.time())  # replays: marked
+        assert set(c.replays) == {(o, "r0"), (o, "r1")}
+        await c.process(cmds[2:], time.time() + REPLAY_MEMORY + 1)  # a replay much later
+        assert set(c.replays) == {(o, "r2")}
+    finally:
+        await c.stop()
+
+
 # Every statement a shard prepares besides its batch statements (which are made of the parts).
-SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_SEEN_BEFORE", "_CANCELLED", "_LOAD_REPLIES",
+SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_SEEN_BEFORE", "_LOAD_REPLIES",
                          "_EXPIRED_LINES", "_INSERT_STOCKS", "_UPDATE_STOCKS", "_INSERT_MOVEMENTS",
                          "_UPSERT_LINES", "_UPDATE_LINES", "_DELETE_LINES", "_UPSERT_HEADERS",
                          "_CLOSE_HEADERS", "_INSERT_REPLIES")

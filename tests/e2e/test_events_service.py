@@ -692,6 +692,18 @@ async def test_a_purchase_order_created_after_its_receipt_puts_in_transit_only_w
     lamp = (await svc.levels(org, "lamp"))["wh_101"]
     assert (desk.on_hand, desk.in_transit, desk.status) == (20, 30, "pending_purchase")
     assert (lamp.on_hand, lamp.in_transit, lamp.status) == (5, 0, "active")
+    # Another order's units in transit: a receipt ahead of its order takes from them, so its late
+    # order puts all of its own in transit again (in_transit stays right).
+    first = {"purchase_order_id": "po_3", "warehouse_id": "wh_101", "items": [{"variant_id": "lamp", "quantity": 10}]}
+    await svc.handled("purchase_order.created", await svc.publish("purchasing_events", "purchase_order.created",
+                                                                  first, org))
+    second = {"purchase_order_id": "po_4", "warehouse_id": "wh_101", "items": [{"variant_id": "lamp", "quantity": 6}]}
+    await svc.handled("purchase_order.received", await svc.publish("purchasing_events", "purchase_order.received",
+                                                                   second, org))
+    await svc.handled("purchase_order.created", await svc.publish("purchasing_events", "purchase_order.created",
+                                                                  second, org))
+    lamp = (await svc.levels(org, "lamp"))["wh_101"]
+    assert (lamp.on_hand, lamp.in_transit) == (11, 10)  # po_3's 10 still to come
 
 
 async def test_a_received_purchase_order_publishes_a_receipt_movement(svc: EventsService, org: str) -> None:

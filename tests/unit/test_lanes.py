@@ -121,3 +121,21 @@ async def test_a_call_whose_shard_moves_while_in_flight_follows_it_if_a_repeat_i
             lane.close()
         old.close()
         new.close()
+
+
+def test_what_follows_a_moved_shard_is_what_may_be_applied_twice() -> None:
+    from actors.messages import (
+        ConfirmReservation,
+        RecordMovement,
+        ReleaseReservation,
+        ReserveLine,
+        ReserveStock,
+        ShipReservation,
+    )
+    from gateway.bridge import retry_safe
+
+    assert retry_safe(ReserveStock("o", "r", "ord", "h", 1e12, (ReserveLine("v", "", 1),)))
+    assert retry_safe(ReleaseReservation("o", "r", ("v",))) and retry_safe(ConfirmReservation("o", "r", ("v",)))
+    assert retry_safe(RecordMovement("o", "v", "w", "receipt", 1, idempotency_key="k"))
+    assert not retry_safe(RecordMovement("o", "v", "w", "receipt", 1))
+    assert not retry_safe(ShipReservation("o", "r", ("v",)))  # shipped before the move: `closed` the second time
