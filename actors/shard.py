@@ -82,6 +82,7 @@ from actors.stock import (
 )
 from actors.transport import use_poll_selector
 from persistence.store import (
+    START_READ_TIMEOUT,
     BatchWrite,
     ClosedReservationRetried,
     ShardLockHeld,
@@ -245,18 +246,19 @@ class ShardCore:
         self.residents.clear()
         self.timers = TimerHeap(self.residents)
         self.armed_until = 0.0
-        await self._arm_next_window(time.time() if now is None else now)
+        # (the first window after a stop holds every line overdue since: its read may be long)
+        await self._arm_next_window(time.time() if now is None else now, START_READ_TIMEOUT)
         log.info("shard %s ready: timers armed for %d variants with open reservations due in %.0f s",
                  self.cfg.shard_id, len(self.timers), self.cfg.timer_horizon)
 
-    async def _arm_next_window(self, now: float) -> None:
+    async def _arm_next_window(self, now: float, timeout: float | None = None) -> None:
         """Arm the variants whose open lines fall due in [armed_until, now + horizon).
 
         Lines this shard commits are armed when committed, whatever their time; only lines it
         finds in Postgres (after a start) come through here. Loading them by window keeps a start
         from scanning every open line of every shard (5 s at 2,000,000 open lines, and growing)."""
         until = now + self.cfg.timer_horizon
-        await self.store.load_due(self.armed_until, until, self.timers.arm)
+        await self.store.load_due(self.armed_until, until, self.timers.arm, timeout)
         self.armed_until = until
 
     async def ensure_started(self, now: float | None = None) -> None:

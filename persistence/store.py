@@ -297,7 +297,7 @@ GROUP BY organization_id, variant_id
 """
 
 _DUE_CHUNK = 20_000
-START_READ_TIMEOUT = 600.0  # seconds for each read of the timers due, at a start
+START_READ_TIMEOUT = 600.0  # seconds for each read of the timers due at a start (ShardCore.start)
 
 _LOAD_REPLIES = """
 SELECT i.organization_id, i.key, i.reply
@@ -480,7 +480,8 @@ class ShardStore:
             recompute_next_expiry(state)
         return list(states.values())
 
-    async def load_due(self, since: float, until: float, arm: Callable[[float, str, str], None]) -> int:
+    async def load_due(self, since: float, until: float, arm: Callable[[float, str, str], None],
+                       timeout: float | None = None) -> int:
         """Call `arm(earliest expires_at in [since, until), org, variant)` for every variant of this
         shard with open TTL lines due then (the range uses the `reservation_lines_due` index); returns
         how many. Read through a cursor, a chunk at a time: a start with a million variants due
@@ -491,11 +492,11 @@ class ShardStore:
             # after a stop, the window from 0 holds every line overdue: a scan of the whole
             # index may then be the worst plan, and only the values say so
             await conn.execute(_DUE_PLANNING)
-            # (a start after a long stop may find a large overdue backlog: not bounded by the
-            # statement timeout of batches, or the shard would never start)
-            cursor = await conn.cursor(_LOAD_DUE, self.shard_id, self.shard_count, since, until,
-                                       timeout=START_READ_TIMEOUT)
-            while rows := await cursor.fetch(_DUE_CHUNK, timeout=START_READ_TIMEOUT):
+            # `timeout` (None: the connection's): a start after a long stop may find a large
+            # overdue backlog (START_READ_TIMEOUT), or the shard would never start; later windows
+            # keep the statement timeout of batches
+            cursor = await conn.cursor(_LOAD_DUE, self.shard_id, self.shard_count, since, until, timeout=timeout)
+            while rows := await cursor.fetch(_DUE_CHUNK, timeout=timeout):
                 for r in rows:
                     arm(r[0], r[1], r[2])
                 count += len(rows)

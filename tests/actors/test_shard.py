@@ -581,6 +581,31 @@ async def test_a_shard_whose_postgres_stops_answering_fails_the_batch_and_frees_
         await c.stop()
 
 
+async def test_a_timer_window_read_while_serving_keeps_the_statement_timeout(db: asyncpg.Connection) -> None:
+    """Only a start's read of the timers due may take long (a backlog after a stop); the windows
+    read later, on the batch path, fail with the batch's statement timeout like any statement."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    c.store.command_timeout = 1.0
+    blocker = await asyncpg.connect(DSN)
+    try:
+        await receive(c, o, v, "w1", 5)
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE reservation_lines IN ACCESS EXCLUSIVE MODE")
+        try:
+            started = time.monotonic()
+            [reply] = await c.process([ReadStock(o, v)], time.time() + c.cfg.timer_horizon)  # the next window is due
+            waited = time.monotonic() - started
+        finally:
+            await tx.rollback()
+        assert isinstance(reply, Rejected) and reply.code == "unavailable", reply
+        assert waited < 5, waited
+    finally:
+        await blocker.close()
+        await c.stop()
+
+
 async def test_a_cancellation_committed_between_a_batch_check_and_its_write_still_stops_the_write(
         db: asyncpg.Connection) -> None:
     """The batch statement checks its new reservations in its snapshot; a cancellation mark that
