@@ -20,6 +20,7 @@ import msgspec
 from actors.keys import stock_id
 from actors.messages import (
     Event,
+    ReservationExpired,
     ReservationReleased,
     ReservationShipped,
     StockKey,
@@ -123,14 +124,17 @@ def notification(key: StockKey, ev: Event, now: float) -> OutboxRow:
 
 
 def released(events: Sequence[tuple[StockKey, Event]], now: float) -> list[OutboxRow]:
-    """One inventory.stock.released per reservation released in the batch, with its lines."""
-    groups: dict[tuple[str, str], list[tuple[StockKey, ReservationReleased]]] = {}
+    """One inventory.stock.released per reservation released or expired in the batch, with its
+    lines (the spec lists it for the Order Service as "Reservation expired/released"; an expiry
+    also has its own inventory.reservation.expired, once per reservation)."""
+    groups: dict[tuple[str, str], list[tuple[StockKey, ReservationReleased | ReservationExpired]]] = {}
     for key, ev in events:
-        if isinstance(ev, ReservationReleased):
+        if isinstance(ev, (ReservationReleased, ReservationExpired)):
             groups.setdefault((key[0], ev.reservation_id), []).append((key, ev))
     return [
         envelope("inventory.stock.released", org, {
-            "reservation_id": rid, "reason": items[0][1].reason,
+            "reservation_id": rid,
+            "reason": items[0][1].reason if isinstance(items[0][1], ReservationReleased) else "expired",
             "lines": [{"variant_id": k[1], "warehouse_id": k[2], "quantity": e.quantity} for k, e in items],
         }, now)
         for (org, rid), items in groups.items()

@@ -584,6 +584,13 @@ async def test_a_reservation_across_both_shards_expires_with_exactly_one_event(s
     assert len(svc.of(org, "inventory.reservation.expired")) == 1
     assert await svc.db.fetchval("SELECT count(*) FROM outbox WHERE organization_id = $1"
                                  " AND event_name = 'inventory.reservation.expired'", org) == 1
+    # and, for an Order Service that follows the spec's list (stock.released: "Reservation
+    # expired/released"), one inventory.stock.released per shard's part, reason "expired"
+    released = svc.of(org, "inventory.stock.released")
+    assert sorted((ln["variant_id"], ln["quantity"]) for e in released for ln in e["data"]["lines"]) == \
+        sorted([(left, 2), (right, 3)])
+    assert {e["data"]["reason"] for e in released} == {"expired"}
+    assert {e["data"]["reservation_id"] for e in released} == {reservation_id(org, "order_6")}
 
 
 # ---------------------------------------------------------------- stock events
