@@ -798,6 +798,9 @@ def _movement(w: _Work, cmd: RecordMovement) -> Decision:
         if not (cmd.kind in ("receipt", "purchase_ordered", "purchase_received") and cmd.create_if_missing):
             return w.finish(Rejected("not_found", f"no stock of variant {cmd.variant_id} "
                                                   f"in warehouse {cmd.warehouse_id}"))
+        others = _variant_keys(w.states, cmd.organization_id, cmd.variant_id)
+        if others and all(w.states[k].status == "archived" for k in others):  # deleted in the Catalog
+            return w.finish(Rejected("archived", f"variant {cmd.variant_id} is archived"))
         w.create(key, StockCreated())
     elif state.status == "archived":
         return w.finish(Rejected("archived", f"variant {cmd.variant_id} is archived"))

@@ -67,6 +67,19 @@ class CatalogUnavailable(Exception):
     """The Catalog could not answer (after retries), or its breaker is open."""
 
 
+class CatalogRefused(CatalogUnavailable):
+    """The Catalog answered, with an error that is not an outage (PERMISSION_DENIED,
+    INVALID_ARGUMENT, ...): the variant is not validated, and not taken as valid either (no
+    degraded mode), and the breaker does not count it (one tenant's refusals would open it
+    for every tenant)."""
+
+
+# gRPC codes that mean the Catalog could not answer, as opposed to answered no
+OUTAGE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                          grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED})
+
+
 class CatalogClient:
     """One grpc.aio channel to the Catalog for the life of the gateway."""
 
@@ -93,6 +106,8 @@ class CatalogClient:
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return VariantInfo(exists=False)
+            if e.code() not in OUTAGE_CODES:
+                raise CatalogRefused(f"the catalog refused to validate: {e.code().name}: {e.details()}") from None
             raise CatalogUnavailable(f"{e.code().name}: {e.details()}") from None
         return VariantInfo(exists=reply.exists, is_active=reply.is_active, tracks_inventory=reply.tracks_inventory,
                            sku=reply.sku, product_name=reply.product_name)
@@ -138,6 +153,11 @@ class VariantValidator:
             started = time.perf_counter()
             try:
                 info = await self.client.validate(organization_id, variant_id)
+            except CatalogRefused as e:
+                self.breaker.record_success()  # (it answered)
+                self.counts["unavailable"] += 1
+                log.warning("%s: refusing", e, extra={"organization_id": organization_id, "variant_id": variant_id})
+                raise
             except CatalogUnavailable as e:
                 self.breaker.record_failure(str(e))
                 why = str(e)

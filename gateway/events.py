@@ -314,9 +314,8 @@ class EventHandlers:
             return
         try:
             await hook(org, variant)
-        except Exception as e:  # noqa: BLE001 - a stale cache entry expires by its TTL
-            log.warning("could not invalidate the cached variant %s: %s", variant, e,
-                        extra={"organization_id": org, "variant_id": variant})
+        except Exception as e:  # noqa: BLE001 - e.g. CacheUnavailable: retried, or the old entry stays until its TTL
+            raise Transient(f"could not invalidate the cached variant {variant}: {e}") from None
 
     async def variant_updated(self, msg: Incoming) -> str:
         await self._invalidate(msg.organization_id, msg.data.variant_id)

@@ -7,7 +7,14 @@ collide (`org "a:b", variant "c"` vs `org "a", variant "b:c"`); ordinary ids are
 
 Redis being down must never fail a request: every Redis error is logged (once per
 outage), counted on the `redis` circuit breaker, and the cache is skipped (a miss).
-While the breaker is open Redis is not even tried, so an outage costs no latency.
+While the breaker is open Redis is not even tried, so an outage costs no latency. An
+invalidation that fails raises CacheUnavailable instead: its event is retried, or the old
+entry would be served until its TTL.
+
+An invalidation also leaves a fence for FENCE seconds (at least the Catalog call's deadline):
+a `put` of an answer fetched before the invalidation, arriving after it, would otherwise
+bring back what the event just removed (a variant deleted, cached as existing for an hour).
+While the fence stands nothing is cached for that variant; the Catalog answers each check.
 """
 
 from __future__ import annotations
@@ -42,12 +49,23 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(VariantInfo).decode
 
 
+FENCE = 60.0  # seconds an invalidation keeps answers fetched before it out of the cache
+
+
+class CacheUnavailable(Exception):
+    """An invalidation did not reach the cache: the caller retries it."""
+
+
 def _escape(part: str) -> str:
     return part.replace("%", "%25").replace(":", "%3A")
 
 
 def cache_key(organization_id: str, variant_id: str) -> str:
     return f"variant:{_escape(organization_id)}:{_escape(variant_id)}"
+
+
+def fence_key(organization_id: str, variant_id: str) -> str:
+    return f"variant-fence:{_escape(organization_id)}:{_escape(variant_id)}"
 
 
 class VariantCache(Protocol):
@@ -67,10 +85,12 @@ class LocalVariantCache:
 
     kind = "memory"
 
-    def __init__(self, ttl: float = 3600.0, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl: float = 3600.0, max_entries: int = 10_000, fence: float = FENCE) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
+        self.fence = fence
         self._entries: OrderedDict[str, tuple[float, VariantInfo]] = OrderedDict()
+        self._fences: OrderedDict[str, float] = OrderedDict()  # key -> until (in the order set)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -88,13 +108,21 @@ class LocalVariantCache:
 
     async def put(self, organization_id: str, variant_id: str, info: VariantInfo) -> None:
         key = cache_key(organization_id, variant_id)
-        self._entries[key] = (time.monotonic() + self.ttl, info)
+        now = time.monotonic()
+        while self._fences and next(iter(self._fences.values())) <= now:
+            self._fences.popitem(last=False)
+        if key in self._fences:
+            return
+        self._entries[key] = (now + self.ttl, info)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
     async def invalidate(self, organization_id: str, variant_id: str) -> None:
-        self._entries.pop(cache_key(organization_id, variant_id), None)
+        key = cache_key(organization_id, variant_id)
+        self._entries.pop(key, None)
+        self._fences.pop(key, None)
+        self._fences[key] = time.monotonic() + self.fence
 
     async def close(self) -> None:
         self._entries.clear()
@@ -106,14 +134,18 @@ class RedisVariantCache:
     kind = "redis"
 
     def __init__(self, url: str, breaker: CircuitBreaker, ttl: float = 3600.0, timeout: float = 0.5,
-                 max_connections: int = 128) -> None:
+                 max_connections: int = 128, fence: float = FENCE) -> None:
         self.ttl = max(1, int(ttl))
+        self.fence = max(1, int(fence))
         self.breaker = breaker
         # One quick retry (a pooled connection may be stale after a Redis restart), no backoff:
         # a cache must answer fast or not at all.
         self.client = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1),
             max_connections=max_connections)
+        # put, unless an invalidation's fence stands (atomic: a fence set meanwhile is seen)
+        self._put = self.client.register_script(
+            "if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end")
 
     async def get(self, organization_id: str, variant_id: str) -> VariantInfo | None:
         if not self.breaker.allow():
@@ -135,21 +167,24 @@ class RedisVariantCache:
         if not self.breaker.allow():
             return
         try:
-            await self.client.set(cache_key(organization_id, variant_id), _encode(info), ex=self.ttl)
+            await self._put(keys=[cache_key(organization_id, variant_id), fence_key(organization_id, variant_id)],
+                            args=[_encode(info), self.ttl])
         except (RedisError, OSError) as e:
             self._failed("put", e)
             return
         self._succeeded()
 
     async def invalidate(self, organization_id: str, variant_id: str) -> None:
-        """Delete the entry. Tried even while the breaker is open: a missed delete serves stale data."""
+        """Delete the entry and set its fence, or raise CacheUnavailable. Tried even while the
+        breaker is open: a missed delete serves stale data."""
         try:
-            await self.client.delete(cache_key(organization_id, variant_id))
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(fence_key(organization_id, variant_id), b"1", ex=self.fence)
+                pipe.delete(cache_key(organization_id, variant_id))
+                await pipe.execute()
         except (RedisError, OSError) as e:
             self._failed("invalidate", e)
-            log.warning("could not invalidate the cached variant; it expires within %d s", self.ttl,
-                        extra={"organization_id": organization_id, "variant_id": variant_id})
-            return
+            raise CacheUnavailable(f"could not invalidate the cached variant: {type(e).__name__}: {e}") from None
         self._succeeded()
 
     async def ping(self) -> None:

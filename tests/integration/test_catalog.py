@@ -21,8 +21,20 @@ import redis.asyncio as aioredis
 from catalog_double import RunningCatalog, catalog_double
 
 from gateway.breaker import CircuitBreaker
-from gateway.catalog import CatalogClient, CatalogUnavailable, VariantValidator, service_config
-from gateway.variant_cache import LocalVariantCache, RedisVariantCache, VariantInfo, cache_key
+from gateway.catalog import (
+    CatalogClient,
+    CatalogRefused,
+    CatalogUnavailable,
+    VariantValidator,
+    service_config,
+)
+from gateway.variant_cache import (
+    CacheUnavailable,
+    LocalVariantCache,
+    RedisVariantCache,
+    VariantInfo,
+    cache_key,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 pytestmark = pytest.mark.timeout(60)
@@ -328,6 +340,77 @@ async def test_redis_going_down_never_fails_a_validation(
         cache = validator.cache
         assert isinstance(cache, RedisVariantCache)
         assert cache.breaker.state == "open", "Redis failures open its breaker: no more waiting on it"
-        await validator.invalidate(org, "v1")  # must not raise either
+        # An invalidation, though, says it failed: its event is retried (a lost one would leave
+        # the old entry in Redis, served until its TTL once Redis is back).
+        with pytest.raises(CacheUnavailable):
+            await validator.invalidate(org, "v1")
+    finally:
+        await validator.close()
+
+
+# ---------------------------------------------------------------- invalidation races, refusals
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_an_answer_fetched_before_an_invalidation_is_not_cached_after_it(
+        catalog: RunningCatalog, org: str, kind: str) -> None:
+    """A check is waiting on the Catalog when the variant is deleted and its event invalidates the
+    cache; the answer from before the delete must not be cached (it would pass for an hour)."""
+    validator = validator_for(catalog, redis_url=REDIS_URL if kind == "redis" else None)
+    try:
+        catalog.double.add(org, "v1")
+        catalog.double.delay = 0.5
+        check = asyncio.ensure_future(validator.check(org, "v1"))
+        await asyncio.sleep(0.2)  # the call is out (its answer may be from before the change) ...
+        await validator.invalidate(org, "v1")  # ... when the change's event is handled
+        assert (await check).source == "catalog"
+        catalog.double.delay = 0.0
+        assert await validator.cache.get(org, "v1") is None, "an answer from before the event was cached after it"
+        catalog.double.add(org, "v1", is_active=False)
+        after = await validator.check(org, "v1")
+        assert (after.source, after.info.is_active) == ("catalog", False)
+    finally:
+        await validator.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_the_fence_of_an_invalidation_ends(org: str, kind: str) -> None:
+    cache = (RedisVariantCache(REDIS_URL, CircuitBreaker("redis", 5, 30), fence=1) if kind == "redis"
+             else LocalVariantCache(fence=0.5))
+    try:
+        info = VariantInfo(exists=True, is_active=True, tracks_inventory=True)
+        await cache.invalidate(org, "v1")
+        await cache.put(org, "v1", info)
+        assert await cache.get(org, "v1") is None
+        await asyncio.sleep(1.2)
+        await cache.put(org, "v1", info)
+        assert await cache.get(org, "v1") == info
+    finally:
+        await cache.close()
+
+
+async def test_an_invalidation_that_cannot_reach_redis_raises_so_that_its_event_is_retried(org: str) -> None:
+    cache = RedisVariantCache(f"redis://127.0.0.1:{_free_port()}/0", CircuitBreaker("redis", 5, 30), timeout=0.2)
+    try:
+        with pytest.raises(CacheUnavailable):
+            await cache.invalidate(org, "v1")
+    finally:
+        await cache.close()
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT])
+async def test_a_catalog_that_refuses_is_not_an_outage(catalog: RunningCatalog, org: str,
+                                                       code: grpc.StatusCode) -> None:
+    """Not validated, not taken as valid (degraded mode is for outages), and not counted on the
+    breaker: one tenant's refusals must not open it for every tenant."""
+    validator = validator_for(catalog, degraded=True)
+    try:
+        catalog.double.fail_with = code
+        for _ in range(6):
+            with pytest.raises(CatalogRefused):
+                await validator.check(org, "v1")
+        assert validator.breaker.state == "closed" and validator.breaker.failures == 0
+        catalog.double.fail_with = None
+        assert (await validator.check(org, "unknown")).info.exists is False  # not degraded: asked
     finally:
         await validator.close()

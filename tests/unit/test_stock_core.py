@@ -1112,3 +1112,17 @@ def test_an_abort_leaves_confirmed_lines() -> None:
     d = shard.send(AbortReservation(ORG, "r2", (V,)))
     assert [type(e).__name__ for _, e in d.events] == ["ReservationAborted"] and d.reply == DoneResult(changed=True)
     assert shard.stock("w1").reserved == 2
+
+
+def test_an_archived_variant_gets_no_new_stock_in_another_warehouse() -> None:
+    """Archiving (the variant deleted in the Catalog) closes every warehouse, also those where it
+    had no stock yet: a receipt or a purchase order there must not open a fresh, active stock."""
+    shard = ShardFake(stock("w1", on_hand=0, status="archived"))
+    for kind in ("receipt", "purchase_ordered", "purchase_received"):
+        d = shard.send(RecordMovement(ORG, V, "w2", kind, 5, create_if_missing=True))
+        assert isinstance(d.reply, Rejected) and d.reply.code == "archived", (kind, d.reply)
+        assert d.events == []
+    assert (ORG, V, "w2") not in shard.states
+    # a variant never archived still gets its first stock anywhere
+    d = shard.send(RecordMovement(ORG, V2, "w2", "receipt", 5, create_if_missing=True))
+    assert not isinstance(d.reply, Rejected)
