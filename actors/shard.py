@@ -109,6 +109,26 @@ def variants_of(cmd: Command) -> tuple[str, ...]:
     return (cmd.variant_id,)
 
 
+def _replayed(cmd: Command, key: str, reply: Reply) -> Reply:
+    """The stored reply of a request with this idempotency key, if it was for these stocks; a
+    key used before for other stocks (another variant or warehouse) is a `conflict`, not a
+    replay of what the other request did. (The quantity is not stored: not compared.)"""
+    levels = getattr(reply, "levels", ())
+    if isinstance(cmd, RecordMovement):
+        wanted = {(cmd.variant_id, cmd.warehouse_id)}
+    elif isinstance(cmd, ShipTransfer):
+        wanted = {(cmd.variant_id, cmd.from_warehouse_id), (cmd.variant_id, cmd.to_warehouse_id)}
+    elif isinstance(cmd, ReceiveTransfer):
+        wanted = {(cmd.variant_id, cmd.to_warehouse_id)}
+    else:
+        return reply
+    got = {(level.variant_id, level.warehouse_id) for level in levels}
+    if levels and got != wanted:
+        return Rejected("conflict", f"{key.split(':', 1)[0]} key {key.split(':', 1)[1]!r} was used for another "
+                                    f"request (variant {levels[0].variant_id}, warehouse {levels[0].warehouse_id})")
+    return reply
+
+
 def idempotency_key(cmd: Command) -> str:
     if isinstance(cmd, RecordMovement) and cmd.idempotency_key:
         return "movement:" + cmd.idempotency_key
@@ -368,7 +388,7 @@ class ShardCore:
                 continue
             ikey = idempotency_key(cmd)
             if ikey and (cmd.organization_id, ikey) in stored:
-                replies.append(stored[(cmd.organization_id, ikey)])
+                replies.append(_replayed(cmd, ikey, stored[(cmd.organization_id, ikey)]))
                 continue
             view = self._view(cmd, working, created)
             prior = (priors.get((cmd.organization_id, cmd.reservation_id, cmd.items_hash))

@@ -385,9 +385,14 @@ CROSS JOIN LATERAL (SELECT * FROM reservation_lines l WHERE l.organization_id = 
 ORDER BY l.reservation_id, l.variant_id, l.warehouse_id
 """
 
+# A key already there: written meanwhile by another shard (one key used for two variants: a
+# reused transfer id or idempotency key), which this statement's snapshot did not see. The
+# part then returns fewer rows than it has, and the statement is decided again with the stored
+# reply (`ClosedReservationRetried`, as for a retried closed reservation): refused `conflict`.
 _INSERT_REPLIES = """
 INSERT INTO idempotency (organization_id, key, reply)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT DO NOTHING
+RETURNING 1
 """
 
 
@@ -630,7 +635,8 @@ def _batch_statement(w: BatchWrite) -> tuple[str, list[object]]:
     if w.events:
         part(outbox.INSERT, outbox.columns(w.events))
     if w.replies:
-        part(_INSERT_REPLIES, _columns(w.replies, 3))
+        name = part(_INSERT_REPLIES, _columns(w.replies, 3))
+        checks.append(f"inventory_expect_unseen({len(w.replies)} - (SELECT count(*) FROM {name}))")
     if w.unseen:
         name = part(_SEEN_BEFORE, _columns(list(w.unseen), 4))
         checks.append(f"inventory_expect_unseen((SELECT count(*) FROM {name}))")

@@ -664,6 +664,35 @@ async def test_replay_marks_are_forgotten_after_their_time_even_without_aborts(d
         await c.stop()
 
 
+async def test_an_idempotency_key_used_again_for_another_stock_is_a_conflict_not_a_replay(
+        db: asyncpg.Connection) -> None:
+    """The same key (an idempotency key, a transfer id) for another variant: refused `conflict`,
+    not answered with the other request's reply while nothing is done; on one shard (the stored
+    reply) and on two at once (the key's row meets the other's in the commit)."""
+    a, b, o = core(0), core(1), org()
+    va, va2, vb = variant_in(o, 0), variant_in(o, 0, "w"), variant_in(o, 1)
+    try:
+        for c, v in ((a, va), (a, va2), (b, vb)):
+            await receive(c, o, v, "w1", 5)
+        [first] = await a.process([RecordMovement(o, va, "w1", "receipt", 3, idempotency_key="k1")], time.time())
+        assert isinstance(first, DoneResult)
+        [again] = await a.process([RecordMovement(o, va, "w1", "receipt", 3, idempotency_key="k1")], time.time())
+        assert again == first  # a replay
+        [other] = await a.process([RecordMovement(o, va2, "w1", "receipt", 3, idempotency_key="k1")], time.time())
+        assert isinstance(other, Rejected) and other.code == "conflict", other
+        both = await asyncio.gather(
+            a.process([RecordMovement(o, va, "w1", "receipt", 2, idempotency_key="k2")], time.time()),
+            b.process([RecordMovement(o, vb, "w1", "receipt", 2, idempotency_key="k2")], time.time()))
+        codes = sorted(type(r).__name__ if not isinstance(r, Rejected) else r.code for [r] in both)
+        assert codes == ["DoneResult", "conflict"], both
+        on_hand = dict(await db.fetch("SELECT variant_id, on_hand FROM stocks WHERE organization_id=$1", o))
+        assert on_hand[va2] == 5  # k1's conflict changed nothing
+        assert on_hand[va] + on_hand[vb] == 8 + 5 + 2  # k2 applied once
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 # Every statement a shard prepares besides its batch statements (which are made of the parts).
 SHARD_READS_AND_PARTS = ("_LOAD_STOCKS", "_LOAD_LINES", "_LOAD_PRIORS", "_SEEN_BEFORE", "_LOAD_REPLIES",
                          "_EXPIRED_LINES", "_INSERT_STOCKS", "_UPDATE_STOCKS", "_INSERT_MOVEMENTS",
