@@ -259,10 +259,11 @@ class ShardCore:
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self, now: float | None = None) -> None:
-        """Connect, take the shard lock, re-arm the timers of the open reservations due within the
-        timer horizon (later ones are armed as the horizon moves on: see `_arm_next_window`)."""
-        await self.store.connect()
+    async def start(self, now: float | None = None, take_over: bool = False) -> None:
+        """Connect, take the shard lock (`take_over`: from whoever holds it, see ShardStore.connect),
+        re-arm the timers of the open reservations due within the timer horizon (later ones are
+        armed as the horizon moves on: see `_arm_next_window`)."""
+        await self.store.connect(take_over)
         self.residents.clear()
         self.timers = TimerHeap(self.residents)
         self.armed_until = 0.0
@@ -592,6 +593,11 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 _MERGE = "merge"  # the payload of the wakeup that ends a merge window
+# Seconds a new incarnation waits for its shard's lock before it ends the holder's Postgres
+# session: an old incarnation that stops releases it at once, one that died with its node loses
+# it with its connection; one still holding it after this is an orphan (a leader restarted and
+# placed every shard anew, the old ones on the members never told) or stuck.
+TAKE_OVER_AFTER = 10.0
 REPLAY_MEMORY = 600.0  # seconds a replay refuses the aborts of its reservation (see ShardCore._refused_abort)
 _SEVERAL_FOR = 1.0  # seconds a gateway counts as sending work after its last non-empty batch
 
@@ -625,6 +631,7 @@ class StockShard(ActorTypeDispatcher):
         self.senders: dict[str, float] = {}  # gateway address -> when it last sent a non-empty batch
         self.merged_batches = 0
         self.listener: Listener | None = None  # the batch path's socket (actors/datapath.py)
+        self.lock_wait_since: float | None = None  # since when ShardConfigure finds the lock held
 
     def receiveMessage(self, message: Any, sender: Any) -> Any:
         """Every message is dispatched as usual; afterwards (also after a failure) Thespian
@@ -661,11 +668,16 @@ class StockShard(ActorTypeDispatcher):
         if self.core is not None:
             self.loop.run_until_complete(self.core.stop())
         self.core = ShardCore(msg)
+        now = time.monotonic()
+        take_over = self.lock_wait_since is not None and now - self.lock_wait_since >= TAKE_OVER_AFTER
         try:
-            self.loop.run_until_complete(self.core.start())
+            self.loop.run_until_complete(self.core.start(take_over=take_over))
+            self.lock_wait_since = None
             self._listen()
             self.send(sender, self._status())
         except Exception as e:  # noqa: BLE001 - reported to the registrar, which retries
+            if isinstance(e, ShardLockHeld) and self.lock_wait_since is None:
+                self.lock_wait_since = now
             log.error("shard %s failed to start: %s", msg.shard_id, e)
             self.send(sender, ShardStatus(msg.shard_id, False, f"{type(e).__name__}: {e}"))
         self._arm()

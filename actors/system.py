@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -56,6 +57,26 @@ def join(admin_port: int) -> ActorSystem:
     use_poll_selector()
     return ActorSystem(SYSTEM_BASE, capabilities={"Admin Port": admin_port},
                        logDefs=thespian_logging())
+
+
+def join_existing(admin_port: int, timeout: float = 60.0) -> ActorSystem:
+    """Join the actor system on this port once it listens (a gateway's way in). `join` would
+    start one if none ran: a gateway started before `inventory actors` then held the leader's
+    port, with the stand-in Registrar under the registrar's name, and the node could not start."""
+    deadline = time.monotonic() + timeout
+    waited = False
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", admin_port), timeout=1.0):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no actor system on port {admin_port}: is `inventory actors` running?") from None
+            if not waited:
+                log.info("waiting for the actor system on port %d", admin_port)
+                waited = True
+            time.sleep(0.2)
+    return join(admin_port)
 
 
 def registrar_address(asys: ActorSystem) -> Any:

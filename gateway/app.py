@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from actors.system import fetch_shard_map, join, registrar_address
+from actors.system import fetch_shard_map, join_existing, registrar_address
 from gateway.bridge import ActorBridge
 from gateway.config import Settings
 from gateway.events import EventIntegration
@@ -119,7 +119,7 @@ def create_server(settings: Settings, core: Core) -> tuple[grpc.aio.Server, int,
 
 async def start_gateway(settings: Settings) -> Gateway:
     assert settings.database_url, "the gateway needs INVENTORY_DATABASE_URL (serve resolves the embedded one)"
-    asys = await asyncio.to_thread(join, settings.actor_port)
+    asys = await asyncio.to_thread(join_existing, settings.actor_port)
     shard_map = await asyncio.to_thread(fetch_shard_map, asys)
     metrics = Metrics()
     bridge = MeasuredBridge(asys.private, shard_map.addresses, max_inflight=settings.max_inflight_per_shard,

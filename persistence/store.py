@@ -14,8 +14,10 @@ so a batch of new reservations needs no read first.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import logging
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,8 @@ from actors.stock import (
     recompute_next_expiry,
 )
 from persistence import outbox, session
+
+log = logging.getLogger("inventory.store")
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id)
 
@@ -423,8 +427,13 @@ class ShardStore:
         self.shard_count = shard_count
         self.conn: asyncpg.Connection | None = None
 
-    async def connect(self) -> None:
-        """Connect and take this shard's lock; raises ShardLockHeld if another copy serves."""
+    async def connect(self, take_over: bool = False) -> None:
+        """Connect and take this shard's lock; raises ShardLockHeld if another copy serves.
+
+        `take_over`: end the Postgres session of the copy holding the lock first. The shard's
+        actor asks for it only after waiting TAKE_OVER_AFTER for the lock (ShardActor): the
+        holder is then an orphan (its registrar died: a leader restarted) or stuck. Ending its
+        session is what fencing allows: without the lock it can commit nothing again."""
         await self.close()
         name = f"inventory-shard-{self.shard_id}"
         if self.lock_id != self.shard_id:  # (tests and benches: a lock of their own)
@@ -433,10 +442,27 @@ class ShardStore:
                                      timeout=self.command_timeout,
                                      server_settings=session.settings(self.dsn, name, **_SHARD_SESSION))
         got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
+        if not got and take_over:
+            got = await self._take_over(conn)
         if not got:
             await conn.close()
             raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
         self.conn = conn
+
+    async def _take_over(self, conn: asyncpg.Connection) -> bool:
+        holders = await conn.fetch(
+            "SELECT pid, application_name FROM pg_locks JOIN pg_stat_activity USING (pid)"
+            " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted",
+            SHARD_LOCK_NAMESPACE, self.lock_id)
+        for pid, name in holders:
+            log.warning("shard %s: ending the Postgres session %d (%s) that has held its lock too long",
+                        self.shard_id, pid, name)
+            await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        for _ in range(50):  # (the session ends, and its locks go, a moment after the signal)
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id):
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     async def close(self) -> None:
         if self.conn is not None and not self.conn.is_closed():

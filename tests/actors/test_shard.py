@@ -156,6 +156,31 @@ async def test_a_second_incarnation_of_a_shard_cannot_serve(db: asyncpg.Connecti
         await second.stop()
 
 
+async def test_an_incarnation_told_to_take_over_ends_the_holder_which_then_commits_nothing(
+        db: asyncpg.Connection) -> None:
+    """A leader restarted places every shard anew; the old incarnations on the members were never
+    told and keep their locks. The new one, after waiting (TAKE_OVER_AFTER, in the actor), ends the
+    holder's Postgres session: it takes the lock, and the orphan can commit nothing again."""
+    orphan, new, o = core(2), core(2), org()
+    v = variant_in(o, 2)
+    try:
+        await receive(orphan, o, v, "w1", 5)
+        with pytest.raises(store.ShardLockHeld):
+            await new.start()
+        await new.start(take_over=True)
+        [made] = await new.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(made, ReservationResult)
+        [refused] = await orphan.process([reserve(o, "r2", v, 1, 60)], time.time())
+        assert isinstance(refused, Rejected) and refused.code == "unavailable", refused
+        [refused] = await orphan.process([reserve(o, "r3", v, 1, 60)], time.time())  # (reconnected: lock held)
+        assert isinstance(refused, Rejected) and "another process" in refused.message, refused
+        lines = await db.fetch("SELECT reservation_id FROM reservation_lines WHERE organization_id=$1", o)
+        assert [r[0] for r in lines] == ["r1"]
+    finally:
+        await orphan.stop()
+        await new.stop()
+
+
 async def test_open_reservations_expire_after_a_restart(db: asyncpg.Connection) -> None:
     c, o = core(), org()
     v = variant_in(o, 0)
