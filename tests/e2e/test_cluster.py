@@ -100,8 +100,9 @@ class Cluster:
 
     def start_node(self, name: str) -> None:
         taken = set(self.ports.values())
-        port = free_port(range(20200, 20300), taken)
+        port = self.ports.get(name) or free_port(range(20200, 20300), taken)  # (a restart: the same port)
         self.ports[name] = port
+        (self.tmp / f"{name}.ready").unlink(missing_ok=True)
         if not self.leader:
             self.leader = name
         leader_port = self.ports[self.leader]
@@ -453,3 +454,37 @@ async def test_several_gateways_serve_the_same_cluster(cluster: Cluster) -> None
         assert (level.on_hand, level.reserved) == (50, 50)
         assert await cluster.ask("merged-batches") > 0  # the shared commits happened
     assert await check_consistency(org) == {"active": len(variants) + 48}
+
+
+@pytest.mark.timeout(240)
+async def test_a_leader_killed_and_started_again_serves_every_shard_again(cluster: Cluster) -> None:
+    """The new registrar places every shard anew while the old incarnations on the member, never
+    told, keep their locks: the new ones take over (after TAKE_OVER_AFTER) and every shard serves.
+    (Before: the new ones never started, the leader gave up after 120 s, and no shard served.)"""
+    for name in ("a", "b"):
+        cluster.start_node(name)
+        await cluster.wait_ready(name)
+    await cluster.wait_placed({"a", "b"})
+    cluster.start_gateway()
+    channel, clients = await serving(cluster)
+    async with channel:
+        org = str(uuid.uuid4())
+        shop = Shop(org, clients.inventory, clients.admin)
+        variants = variants_for_every_shard(org, 1)
+        for v in variants:
+            await shop.receive(v, "north", 10)
+        assert cluster.kill_node("a")
+        cluster.start_node("a")
+        await cluster.wait_ready("a", timeout=120)
+        deadline = time.monotonic() + 30
+        pending = set(variants)
+        while pending:
+            for v in sorted(pending):
+                try:
+                    await shop.reserve(f"order-{v}", (v, 1), timeout=5)
+                    pending.discard(v)
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), e
+            assert time.monotonic() < deadline, f"shards of {sorted(pending)} do not serve again"
+            await asyncio.sleep(0.5)
+    assert (await check_consistency(org)) == {"active": len(variants)}
