@@ -145,11 +145,14 @@ class ReadStock(_Msg, frozen=True):
 
 
 class SetWarehouseActive(_Msg, frozen=True):
-    """Tell a shard that a warehouse was (de)activated, for its resident stocks."""
+    """Tell a shard that a warehouse was (de)activated, for its resident stocks. `as_of`: when the
+    warehouse row was written; a shard ignores a state older than one it has (two upserts' messages
+    may arrive in the other order). 0: unknown, applied."""
 
     organization_id: str
     warehouse_id: str
     active: bool
+    as_of: float = 0.0
 
 
 class InitializeVariant(_Msg, frozen=True):

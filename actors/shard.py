@@ -254,6 +254,8 @@ class ShardCore:
         # Reservations answered as replays lately (organization, reservation) -> when: their
         # AbortReservation is refused (see `_refused_abort`).
         self.replays: dict[tuple[str, str], float] = {}
+        # (organization, warehouse) -> when the active state this shard applied was written
+        self.warehouse_as_of: dict[tuple[str, str], float] = {}
         self._next_passivation = 0.0
         self._loaded_since_freeze = 0
 
@@ -541,6 +543,11 @@ class ShardCore:
         return {k: _reply_codec.decode(v, type=Reply) for k, v in raw.items()}  # type: ignore[arg-type]
 
     def _set_warehouse_active(self, cmd: SetWarehouseActive) -> Reply:
+        key = (cmd.organization_id, cmd.warehouse_id)
+        if cmd.as_of and cmd.as_of < self.warehouse_as_of.get(key, 0.0):
+            return DoneResult(changed=False)  # older than the state this shard has: it arrived late
+        if cmd.as_of:
+            self.warehouse_as_of[key] = cmd.as_of
         changed = False
         for (org, _), resident in self.residents.items():
             if org != cmd.organization_id:

@@ -242,14 +242,15 @@ class AdminServicer(pbg.InventoryAdminServiceServicer):
         wid = require_id(request.warehouse_id, "warehouse_id")
         if len(request.name) > 500 or "\x00" in request.name:
             invalid("name: longer than 500 characters or contains NUL")
-        row = await self._db(queries.upsert_warehouse(
+        row, written_at = await self._db(queries.upsert_warehouse(
             self.core.pool, queries.WarehouseRow(org, wid, request.name, request.active)))
         self.core.warehouses.forget(org)
         # Resident stocks learn the new state at once; stocks activated later read it from Postgres.
         # A shard that did not take it would go on with the old one: the call fails (unavailable)
         # and a retry (an upsert is idempotent) tells every shard again.
         shards = range(self.core.bridge.shard_count)
-        replies = await self.core.bridge.call_many([(s, SetWarehouseActive(org, wid, row.active)) for s in shards])
+        replies = await self.core.bridge.call_many(
+            [(s, SetWarehouseActive(org, wid, row.active, written_at)) for s in shards])
         missed = [s for s, r in zip(shards, replies) if isinstance(r, Rejected)]
         if missed:
             raise FlowError("unavailable", f"warehouse {wid} saved, but shards {', '.join(map(str, missed))} did not "

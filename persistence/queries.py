@@ -59,15 +59,19 @@ async def create_pool(dsn: str, size: int = 8) -> asyncpg.Pool:
         server_settings=session.settings(dsn, "inventory-gateway"))
 
 
-async def upsert_warehouse(pool: asyncpg.Pool, w: WarehouseRow) -> WarehouseRow:
+async def upsert_warehouse(pool: asyncpg.Pool, w: WarehouseRow) -> tuple[WarehouseRow, float]:
+    """The row as written, and when (the clock when the row was written, after its row lock:
+    of two upserts of one warehouse the one committed later has the later time, which now()
+    does not promise): shards keep the latest state by it (SetWarehouseActive.as_of)."""
     row = await pool.fetchrow(
-        """INSERT INTO warehouses (organization_id, warehouse_id, name, active) VALUES ($1, $2, $3, $4)
+        """INSERT INTO warehouses (organization_id, warehouse_id, name, active, updated_at)
+           VALUES ($1, $2, $3, $4, clock_timestamp())
            ON CONFLICT (organization_id, warehouse_id) DO UPDATE
-           SET name = EXCLUDED.name, active = EXCLUDED.active, updated_at = now()
-           RETURNING organization_id, warehouse_id, name, active""",
+           SET name = EXCLUDED.name, active = EXCLUDED.active, updated_at = clock_timestamp()
+           RETURNING organization_id, warehouse_id, name, active, extract(epoch FROM updated_at)::float8""",
         w.organization_id, w.warehouse_id, w.name, w.active,
     )
-    return WarehouseRow(*row)
+    return WarehouseRow(*row[:4]), float(row[4])
 
 
 async def list_warehouses(pool: asyncpg.Pool, organization_id: str) -> list[WarehouseRow]:

@@ -29,6 +29,7 @@ from actors.messages import (
     ReservationResult,
     ReserveLine,
     ReserveStock,
+    SetWarehouseActive,
     StockLevelsResult,
 )
 from actors.shard import REPLAY_MEMORY, ShardCore, TimerHeap, states_of
@@ -716,6 +717,25 @@ async def test_an_idempotency_key_used_again_for_another_stock_is_a_conflict_not
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_warehouse_state_that_arrives_after_a_newer_one_is_ignored(db: asyncpg.Connection) -> None:
+    """Two upserts of one warehouse: their messages may reach a shard in the other order than
+    they committed; the shard keeps the state written last (SetWarehouseActive.as_of)."""
+    c, o = core(), org()
+    v = variant_in(o, 0)
+    try:
+        await receive(c, o, v, "w1", 5)
+        [_] = await c.process([SetWarehouseActive(o, "w1", False, as_of=2.0)], time.time())
+        [late] = await c.process([SetWarehouseActive(o, "w1", True, as_of=1.0)], time.time())
+        assert late == DoneResult(changed=False)
+        [refused] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(refused, Rejected) and refused.code == "insufficient_stock", refused
+        [_] = await c.process([SetWarehouseActive(o, "w1", True, as_of=3.0)], time.time())
+        [made] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(made, ReservationResult)
+    finally:
+        await c.stop()
 
 
 # Every statement a shard prepares besides its batch statements (which are made of the parts).
