@@ -252,13 +252,10 @@ async def release(core: Core, org: str, rid: str, reason: str) -> bool:
         if any(ln.status == "shipped" for ln in lines):
             raise FlowError("closed", f"reservation {rid} has already shipped")
         return False
-    groups = core.by_shard(org, open_variants)
-    replies = await core.bridge.call_many(
-        [(s, ReleaseReservation(org, rid, vs, reason)) for s, vs in groups.items()])
-    for reply in replies:
-        if isinstance(reply, Rejected):
-            raise_rejected(reply)
-    return any(isinstance(r, DoneResult) and r.changed for r in replies)
+    return await _release_parts(core, org, rid, core.by_shard(org, open_variants), reason)
+
+
+CANCEL_ROUNDS = 3  # looks and marks of a cancellation racing a reservation made and undone meanwhile
 
 
 async def cancel_order(core: Core, org: str, order_id: str, reason: str) -> str:
@@ -280,9 +277,6 @@ async def cancel_order(core: Core, org: str, order_id: str, reason: str) -> str:
         # Made meanwhile (its header has open lines): release it; or, if that call undid it
         # since (another part failed), mark again.
     raise FlowError("unavailable", f"order {order_id}: its reservation kept changing while it was cancelled; retry")
-
-
-CANCEL_ROUNDS = 3
 
 
 async def confirm(core: Core, org: str, rid: str) -> None:
@@ -315,13 +309,14 @@ async def confirm(core: Core, org: str, rid: str) -> None:
     raise_rejected(_worst(failed))
 
 
-async def _release_parts(core: Core, org: str, rid: str, groups: Mapping[int, tuple[str, ...]], reason: str) -> None:
-    """Release these parts of a reservation, or raise (unavailable): a retry of the call then
-    finds the reservation closed in part and releases the rest again."""
+async def _release_parts(core: Core, org: str, rid: str, groups: Mapping[int, tuple[str, ...]], reason: str) -> bool:
+    """Release these parts of a reservation (True: something was released), or raise (e.g.
+    unavailable): a retry of the call then finds what is still open and releases it."""
     replies = await core.bridge.call_many([(s, ReleaseReservation(org, rid, vs, reason)) for s, vs in groups.items()])
     for reply in replies:
         if isinstance(reply, Rejected):
             raise_rejected(reply)
+    return any(isinstance(r, DoneResult) and r.changed for r in replies)
 
 
 

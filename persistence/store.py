@@ -396,7 +396,6 @@ ORDER BY l.reservation_id, l.variant_id, l.warehouse_id
 _INSERT_REPLIES = """
 INSERT INTO idempotency (organization_id, key, reply)
 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[]) ON CONFLICT DO NOTHING
-RETURNING 1
 """
 
 
@@ -614,7 +613,11 @@ def _batch_statement(w: BatchWrite) -> tuple[str, list[object]]:
     args: list[object] = []
     checks: list[str] = []
 
-    def part(sql: str, cols: list[list[object]], extra: Sequence[object] = (), expect: int | None = None) -> str:
+    def part(sql: str, cols: list[list[object]], extra: Sequence[object] = (), expect: int | None = None,
+             all_written: int | None = None) -> str:
+        """`expect`: rows the part must write, or the statement fails (StaleVersion: another
+        writer); `all_written`: rows it must write, or the statement is decided again
+        (ClosedReservationRetried: a row written meanwhile that this snapshot did not see)."""
         name = f"p{len(ctes)}"
         text = _renumber(sql.strip(), len(args))
         args.extend(cols)
@@ -622,6 +625,9 @@ def _batch_statement(w: BatchWrite) -> tuple[str, list[object]]:
         if expect is not None:
             args.append(expect)
             checks.append(f"inventory_expect_rows((SELECT count(*) FROM {name}), ${len(args)}::int8, '{name}')")
+        if all_written is not None:
+            checks.append(f"inventory_expect_unseen({all_written} - (SELECT count(*) FROM {name}))")
+        if expect is not None or all_written is not None:
             text += " RETURNING 1"
         ctes.append(f"{name} AS ({text})")
         return name
@@ -651,9 +657,7 @@ def _batch_statement(w: BatchWrite) -> tuple[str, list[object]]:
         part(_DELETE_LINES, _columns(rows, 4))
     if w.opened:
         rows = [(h[0], h[1], h[2], h[3], h[4], h[6], h[5]) for h in w.opened.values()]
-        # Every header written, or a cancellation got in first: decided again (ClosedReservationRetried).
-        name = part(_UPSERT_HEADERS.rstrip() + " RETURNING 1", _columns(rows, 7))
-        checks.append(f"inventory_expect_unseen({len(rows)} - (SELECT count(*) FROM {name}))")
+        part(_UPSERT_HEADERS, _columns(rows, 7), all_written=len(rows))  # (or a cancellation got in first)
     closed = ""
     if w.closed:
         rows = [(rid, c[0], c[1], c[2]) for rid, c in w.closed.items()]
@@ -661,8 +665,7 @@ def _batch_statement(w: BatchWrite) -> tuple[str, list[object]]:
     if w.events:
         part(outbox.INSERT, outbox.columns(w.events))
     if w.replies:
-        name = part(_INSERT_REPLIES, _columns(w.replies, 3))
-        checks.append(f"inventory_expect_unseen({len(w.replies)} - (SELECT count(*) FROM {name}))")
+        part(_INSERT_REPLIES, _columns(w.replies, 3), all_written=len(w.replies))  # (or a key used elsewhere)
     if w.unseen:
         name = part(_SEEN_BEFORE, _columns(list(w.unseen), 4))
         checks.append(f"inventory_expect_unseen((SELECT count(*) FROM {name}))")
