@@ -343,8 +343,8 @@ async def delete_topology(connection: aio_pika.abc.AbstractRobustConnection, pre
     """What the service declared under this run's prefix (queues, exchanges) goes with the run."""
     channel = await connection.channel()
     for spec in amqp.CONSUMED:
-        names = amqp.Names.of(spec, prefix)
-        for q in (names.queue, names.retry_queue, names.dead_letter_queue):
+        names = amqp.Names.of(spec, prefix)  # the default first retry
+        for q in names.all_queues():
             await channel.queue_delete(q)
         for x in (names.exchange, names.dead_letter_exchange):
             await channel.exchange_delete(x)

@@ -10,7 +10,12 @@ Everything is durable and declared by the service at start (declaring is idempot
 and for each consumed queue `<queue>`:
 
     <queue>.dlx (fanout) --> <queue>.dlq        dead letters (the reason in header x-inventory-error)
-    <queue>.retry (no consumer; per-message TTL, then dead-lettered back into <queue>)
+    <queue>.retry.<ms>  one per retry delay (no consumer; a queue TTL of <ms>, then dead-lettered
+                        back into <queue>): 1000, 2000, 4000, ... 60000 with the default first delay
+
+One queue per delay, because RabbitMQ expires messages only at the head of a queue: in one
+queue with per-message TTLs, a retry waiting 60 s would hold back every shorter one behind it.
+With one TTL per queue, the head is always the first to expire.
 
 `Settings.amqp_prefix` is prepended to every name (empty by default), so tests and
 side-by-side deployments on one broker never share a queue.
@@ -57,12 +62,45 @@ class Names:
     queue: str
     dead_letter_exchange: str
     dead_letter_queue: str
-    retry_queue: str
+    retry_delays: tuple[float, ...]  # seconds, ascending; retry_queues[i] waits retry_delays[i]
 
     @classmethod
-    def of(cls, spec: ConsumedQueue, prefix: str = "") -> Names:
+    def of(cls, spec: ConsumedQueue, prefix: str = "", first_retry: float = 1.0) -> Names:
         q = prefix + spec.queue
-        return cls(prefix + spec.exchange, q, q + ".dlx", q + ".dlq", q + ".retry")
+        return cls(prefix + spec.exchange, q, q + ".dlx", q + ".dlq", retry_delays(first_retry))
+
+    @property
+    def retry_queues(self) -> tuple[str, ...]:
+        return tuple(self.retry_queue_for(d) for d in self.retry_delays)
+
+    def retry_queue_for(self, delay: float) -> str:
+        """The retry queue of the shortest delay at least `delay` (the longest if none is)."""
+        chosen = next((d for d in self.retry_delays if d >= delay - 1e-9), self.retry_delays[-1])
+        return f"{self.queue}.retry.{_millis(chosen)}"
+
+    def all_queues(self) -> tuple[str, ...]:
+        """Every queue of this consumed queue: itself, its retry queues and its dead letters."""
+        return (self.queue, *self.retry_queues, self.dead_letter_queue)
+
+
+MAX_RETRY_DELAY = 60.0
+
+
+def retry_delays(first: float, cap: float = MAX_RETRY_DELAY) -> tuple[float, ...]:
+    """The backoff ladder: first, doubling, at most `cap` (which is always the last rung)."""
+    if first <= 0:
+        raise ValueError("the first retry delay must be positive")
+    delays: list[float] = []
+    delay = first
+    while delay < cap and len(delays) < 32:
+        delays.append(delay)
+        delay *= 2
+    delays.append(cap)
+    return tuple(sorted({_millis(d): d for d in delays}.values()))
+
+
+def _millis(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 async def connect(url: str, name: str, reconnect_interval: float = 1.0) -> AbstractRobustConnection:
@@ -95,16 +133,18 @@ async def declare_inventory_exchange(channel: AbstractChannel, prefix: str = "")
     return await channel.declare_exchange(prefix + INVENTORY_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
 
 
-async def declare_consumed(channel: AbstractChannel, spec: ConsumedQueue, prefix: str = "") -> AbstractQueue:
+async def declare_consumed(channel: AbstractChannel, spec: ConsumedQueue, prefix: str = "",
+                           first_retry: float = 1.0) -> AbstractQueue:
     """Declare one consumed queue with its exchange, bindings, dead-letter and retry queues."""
-    names = Names.of(spec, prefix)
+    names = Names.of(spec, prefix, first_retry)
     exchange = await channel.declare_exchange(names.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     dlx = await channel.declare_exchange(names.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
     dlq = await channel.declare_queue(names.dead_letter_queue, durable=True)
     await dlq.bind(dlx)
     # Expired retries go back to the main queue through the default exchange.
-    await channel.declare_queue(names.retry_queue, durable=True, arguments={
-        "x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.queue})
+    for delay, retry_queue in zip(names.retry_delays, names.retry_queues, strict=True):
+        await channel.declare_queue(retry_queue, durable=True, arguments={
+            "x-message-ttl": _millis(delay), "x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.queue})
     queue = await channel.declare_queue(names.queue, durable=True, arguments={
         "x-dead-letter-exchange": names.dead_letter_exchange})
     for key in spec.routing_keys:

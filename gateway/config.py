@@ -27,12 +27,16 @@ def _int(env: dict[str, str], name: str, default: int, low: int = 0, high: int =
     return value
 
 
-def _float(env: dict[str, str], name: str, default: float) -> float:
+def _float(env: dict[str, str], name: str, default: float, low: float = float("-inf"),
+           high: float = float("inf")) -> float:
     raw = env.get(name, "").strip()
     try:
-        return float(raw) if raw else default
+        value = float(raw) if raw else default
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:  # also refuses nan
+        raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw}")
+    return value
 
 
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
@@ -119,7 +123,7 @@ class Settings:
             amqp_url=e.get("INVENTORY_AMQP_URL") or None,
             amqp_prefix=e.get("INVENTORY_AMQP_PREFIX", ""),
             amqp_max_attempts=_int(e, "INVENTORY_AMQP_MAX_ATTEMPTS", 8, 1, 1000),
-            amqp_retry_seconds=_float(e, "INVENTORY_AMQP_RETRY_SECONDS", 1.0),
+            amqp_retry_seconds=_float(e, "INVENTORY_AMQP_RETRY_SECONDS", 1.0, 0.001, 60.0),
             relay_batch=_int(e, "INVENTORY_RELAY_BATCH", 500, 1, 10_000),
             relay_poll_seconds=_float(e, "INVENTORY_RELAY_POLL_SECONDS", 0.05),
             relay_in_gateway=_bool(e, "INVENTORY_RELAY_IN_GATEWAY", True),

@@ -20,8 +20,9 @@ The error table of this edge (one place):
 
 Dead letters are published to `<queue>.dlx` (-> `<queue>.dlq`) with the reason in header
 `x-inventory-error`, then the original is acked: never requeued in a loop. Retries are
-copies published to `<queue>.retry` with a per-message TTL (`amqp_retry_seconds`, doubling,
-at most 60 s) and header `x-inventory-attempts`; on expiry they return to `<queue>`.
+copies published to `<queue>.retry.<ms>`, one queue per delay (`amqp_retry_seconds`, doubling,
+at most 60 s; see gateway/amqp.py), with header `x-inventory-attempts`; on expiry they return
+to `<queue>`.
 
 Duplicates: a message with an `event_id` (or an AMQP `message_id`) is recorded in the
 `inbox` table; the same key again is acked without effect. Underneath, every flow is
@@ -468,7 +469,6 @@ class EventHandlers:
 
 INBOX_LEASE_SECONDS = 120.0  # a claim of a consumer that died is free again after this
 INBOX_RETENTION_SECONDS = 7 * 24 * 3600.0  # how long handled keys are remembered
-MAX_RETRY_DELAY = 60.0
 LAG_POLL_SECONDS = 5.0
 ERROR_HEADER = "x-inventory-error"
 ATTEMPTS_HEADER = "x-inventory-attempts"
@@ -568,10 +568,10 @@ class EventConsumers:
         for spec in self.specs:
             if any(q.name == prefix + spec.queue for q, _ in self._consuming):
                 continue
-            names = amqp.Names.of(spec, prefix)
+            names = amqp.Names.of(spec, prefix, self.settings.amqp_retry_seconds)
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=spec.prefetch)
-            queue = await amqp.declare_consumed(channel, spec, prefix)
+            queue = await amqp.declare_consumed(channel, spec, prefix, self.settings.amqp_retry_seconds)
             self._dead_letter_exchanges[names.queue] = await self._publisher.declare_exchange(
                 names.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
             tag = await queue.consume(self._callback(spec, names))
@@ -728,11 +728,11 @@ class EventConsumers:
             await self._dead_letter(names, message, f"gave up after {attempts} attempts: {reason}", attempts, extra,
                                     kind="exhausted")
             return
-        delay = min(self.settings.amqp_retry_seconds * 2 ** max(attempts - 1, 0), MAX_RETRY_DELAY)
+        delay = names.retry_delays[min(max(attempts - 1, 0), len(names.retry_delays) - 1)]
         assert self._publisher is not None
         await self._publisher.default_exchange.publish(
-            _copy(message, {ATTEMPTS_HEADER: attempts, ERROR_HEADER: reason[:1000]}, expiration=delay),
-            routing_key=names.retry_queue)
+            _copy(message, {ATTEMPTS_HEADER: attempts, ERROR_HEADER: reason[:1000]}),
+            routing_key=names.retry_queue_for(delay))
         await message.ack()
         self._count(names, "retry")
         log.warning("event from %s: retry %d in %.1f s: %s", names.queue, attempts, delay, reason, extra=extra)
@@ -792,7 +792,7 @@ def _message_id(message: AbstractIncomingMessage) -> str | None:
     return None if (message.headers or {}).get(NO_MESSAGE_ID_HEADER) else message.message_id
 
 
-def _copy(message: AbstractIncomingMessage, headers: dict[str, Any], expiration: float | None = None) -> aio_pika.Message:
+def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
     kept = {k: v for k, v in (message.headers or {}).items() if k not in _DROPPED_HEADERS}
     kept.update(headers)
     if not message.message_id:
@@ -800,8 +800,7 @@ def _copy(message: AbstractIncomingMessage, headers: dict[str, Any], expiration:
     return aio_pika.Message(
         message.body, headers=kept, content_type=message.content_type, content_encoding=message.content_encoding,
         message_id=message.message_id, correlation_id=message.correlation_id, type=message.type,
-        timestamp=message.timestamp, app_id=message.app_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        expiration=expiration)
+        timestamp=message.timestamp, app_id=message.app_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
 
 
 async def _quietly(coro: Awaitable[object]) -> None:

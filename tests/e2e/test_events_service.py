@@ -48,6 +48,7 @@ AMQP_URL = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/"
 TEST_DATABASE_URL = os.environ.get("INVENTORY_TEST_DATABASE_URL", "postgresql://root@127.0.0.1:5432/test")
 DATABASE = "inv_events"
 SHARDS = 2
+RETRY_SECONDS = 0.1  # the first retry delay of the service under test
 INVENTORY = Path(sys.executable).with_name("inventory")
 T = TypeVar("T")
 
@@ -123,7 +124,7 @@ class EventsService:
             INVENTORY_DATABASE_URL=DSN,
             INVENTORY_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{self.proxy.port}/",
             INVENTORY_AMQP_PREFIX=self.prefix,
-            INVENTORY_AMQP_RETRY_SECONDS="0.1",
+            INVENTORY_AMQP_RETRY_SECONDS=str(RETRY_SECONDS),
             INVENTORY_AMQP_MAX_ATTEMPTS="6",
             INVENTORY_RELAY_POLL_SECONDS="0.02",
             INVENTORY_GRPC_PORT=str(self.grpc_port),
@@ -222,8 +223,8 @@ class EventsService:
     async def delete_topology(self, broker: AbstractRobustConnection) -> None:
         channel = await broker.channel()
         for spec in amqp.CONSUMED:
-            names = amqp.Names.of(spec, self.prefix)
-            for q in (names.queue, names.retry_queue, names.dead_letter_queue):
+            names = amqp.Names.of(spec, self.prefix, RETRY_SECONDS)
+            for q in names.all_queues():
                 await channel.queue_delete(q)
             for x in (names.exchange, names.dead_letter_exchange):
                 await channel.exchange_delete(x)
@@ -340,10 +341,11 @@ def variants_in_both_shards(org: str) -> tuple[str, str]:
 
 async def test_the_service_declares_the_topology_and_says_events_are_on(svc: EventsService) -> None:
     for spec in amqp.CONSUMED:
-        names = amqp.Names.of(spec, svc.prefix)
+        names = amqp.Names.of(spec, svc.prefix, RETRY_SECONDS)
         assert await svc.queue_state(names.queue) == (0, 1)
         assert await svc.queue_state(names.dead_letter_queue) is not None
-        assert await svc.queue_state(names.retry_queue) == (0, 0)
+        for retry_queue in names.retry_queues:
+            assert await svc.queue_state(retry_queue) == (0, 0)
     assert "consuming from RabbitMQ and publishing the outbox" in svc.log_tail(200)
 
 

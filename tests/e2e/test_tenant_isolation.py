@@ -233,8 +233,8 @@ async def catalog(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cat
                 await pool.close()
     finally:
         channel = await connection.channel()
-        names = amqp.Names.of(amqp.CATALOG, svc.prefix)
-        for q in (names.queue, names.retry_queue, names.dead_letter_queue):
+        names = amqp.Names.of(amqp.CATALOG, svc.prefix)  # the default first retry
+        for q in names.all_queues():
             await channel.queue_delete(q)
         for x in (names.exchange, names.dead_letter_exchange, svc.prefix + amqp.INVENTORY_EXCHANGE):
             await channel.exchange_delete(x)

@@ -54,6 +54,7 @@ GRPC_PORTS = range(50700, 50800)
 ACTOR_PORTS = range(20400, 20500)
 AUX_PORTS = range(50800, 50900)
 AMQP_URL = os.environ.get("INVENTORY_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+FIRST_RETRY = 0.2  # the services' first retry delay, seconds
 AMQP_HOST, AMQP_PORT = urlsplit(AMQP_URL).hostname or "127.0.0.1", urlsplit(AMQP_URL).port or 5672
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 # Client channels reconnect quickly after the server went away (the default backoff starts at 1 s and
@@ -520,8 +521,8 @@ async def delete_topology(prefix: str) -> None:
     connection = await aio_pika.connect_robust(AMQP_URL)
     try:
         for spec in amqp.CONSUMED:
-            names = amqp.Names.of(spec, prefix)
-            for queue in (names.queue, names.retry_queue, names.dead_letter_queue):
+            names = amqp.Names.of(spec, prefix, FIRST_RETRY)
+            for queue in names.all_queues():
                 channel = await connection.channel()
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(queue)
@@ -694,7 +695,7 @@ async def procfile_with_events(tmp_path: Path, scenario: str, **env: str) -> Asy
 
 def events_env(prefix: str, amqp_url: str = AMQP_URL) -> dict[str, str]:
     """The service's settings for events on, on names of its own (`prefix`), retrying quickly."""
-    return {"INVENTORY_AMQP_URL": amqp_url, "INVENTORY_AMQP_PREFIX": prefix, "INVENTORY_AMQP_RETRY_SECONDS": "0.2",
+    return {"INVENTORY_AMQP_URL": amqp_url, "INVENTORY_AMQP_PREFIX": prefix, "INVENTORY_AMQP_RETRY_SECONDS": str(FIRST_RETRY),
             "INVENTORY_AMQP_MAX_ATTEMPTS": "8", "INVENTORY_RELAY_POLL_SECONDS": "0.02"}
 
 

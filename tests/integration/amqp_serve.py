@@ -20,6 +20,7 @@ from conftest import Service, eventually
 from gateway import amqp
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+RETRY_SECONDS = 0.1  # the first retry delay of the service under test
 
 
 @dataclass
@@ -30,7 +31,7 @@ class AmqpService(Service):
 
     def env(self) -> dict[str, str]:
         return dict(super().env(), INVENTORY_AMQP_URL=self.amqp_url, INVENTORY_AMQP_PREFIX=self.prefix,
-                    INVENTORY_AMQP_RETRY_SECONDS="0.1", INVENTORY_AMQP_MAX_ATTEMPTS="3",
+                    INVENTORY_AMQP_RETRY_SECONDS=str(RETRY_SECONDS), INVENTORY_AMQP_MAX_ATTEMPTS="3",
                     INVENTORY_RELAY_POLL_SECONDS="0.02", **self.extra_env)
 
 
@@ -91,8 +92,8 @@ class Broker:
     async def delete_topology(self) -> None:
         channel = await self.connection.channel()
         for spec in amqp.CONSUMED:
-            names = amqp.Names.of(spec, self.prefix)
-            for q in (names.queue, names.retry_queue, names.dead_letter_queue):
+            names = amqp.Names.of(spec, self.prefix, RETRY_SECONDS)
+            for q in names.all_queues():
                 await channel.queue_delete(q)
             for x in (names.exchange, names.dead_letter_exchange):
                 await channel.exchange_delete(x)

@@ -23,7 +23,7 @@ import aio_pika
 import asyncpg
 import grpc
 import pytest
-from amqp_serve import AmqpService, Broker
+from amqp_serve import RETRY_SECONDS, AmqpService, Broker
 from conftest import (
     TEST_DATABASE_URL,
     database_url_named,
@@ -305,8 +305,8 @@ async def test_nothing_is_left_looping_and_no_message_was_unparseable(rig: tuple
     assert exercised == set(SPECS), exercised
     assert next(counter) >= 45, "every example ran"
     for spec in amqp.CONSUMED:
-        names = amqp.Names.of(spec)
-        for queue in (names.queue, names.retry_queue):
+        names = amqp.Names.of(spec, first_retry=RETRY_SECONDS)
+        for queue in (names.queue, *names.retry_queues):
             assert await broker.depth(queue) == 0, queue
     log = svc.log_tail(100_000)
     assert "could not be parsed" not in log and "could not settle" not in log and "unexpected failure" not in log, log

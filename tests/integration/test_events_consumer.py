@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -26,7 +27,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from conftest import eventually
 
 from gateway import amqp
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.events import (
     EventConsumers,
     Incoming,
@@ -130,7 +131,7 @@ class Rig:
         self.pool = pool
         self.handler = FakeHandler()
         self.consumers = EventConsumers(self.settings, self.handler, pool, specs=[amqp.ORDERS])
-        self.names = amqp.Names.of(amqp.ORDERS, self.prefix)
+        self.names = amqp.Names.of(amqp.ORDERS, self.prefix, self.settings.amqp_retry_seconds)
         self.org = str(uuid.uuid4())
 
     async def start(self) -> None:
@@ -167,7 +168,7 @@ class Rig:
     async def close(self) -> None:
         await self.consumers.stop(grace=1)
         channel = await self.broker.channel()
-        for q in (self.names.queue, self.names.retry_queue, self.names.dead_letter_queue):
+        for q in self.names.all_queues():
             await channel.queue_delete(q)
         for x in (self.names.exchange, self.names.dead_letter_exchange):
             await channel.exchange_delete(x)
@@ -283,7 +284,7 @@ async def test_malformed_messages_are_dead_lettered_with_the_reason_and_the_vali
     assert all(m.headers["x-inventory-queue"] == rig.names.queue for m in dead)
     await until(lambda: _async(("order.confirmed", "good-5") in rig.handler.done), what="valid message handled")
     assert sorted(o for _, o in rig.handler.handled) == ["bad-4", "good-5"]  # the malformed never reached it
-    assert await rig.queue_depth(rig.names.queue) == 0 and await rig.queue_depth(rig.names.retry_queue) == 0
+    assert await rig.queue_depth(rig.names.queue) == 0 and all([await rig.queue_depth(q) == 0 for q in rig.names.retry_queues])
     await until(lambda: _async(rig.consumers.stats.dead_lettered == 5), what="5 counted")  # after the ack
 
 
@@ -294,6 +295,44 @@ async def test_a_transient_failure_is_retried_with_backoff_and_then_handled_once
     assert rig.handler.handled.count(("order.confirmed", "fail-2-a")) == 3
     assert rig.consumers.stats.retried == 2 and rig.consumers.stats.acked == 1
     assert rig.consumers.stats.dead_lettered == 0
+
+
+async def test_a_short_retry_is_not_held_back_by_a_long_one_queued_before_it(
+        broker: AbstractRobustConnection, pool: asyncpg.Pool) -> None:
+    """RabbitMQ expires messages only at the head of a queue: in one retry queue with per-message
+    TTLs, a message waiting 60 s for its 8th attempt held back a first retry of 0.5 s behind it."""
+    rig = Rig(broker, pool, amqp_retry_seconds=0.5, amqp_max_attempts=20)
+    assert rig.names.retry_delays == (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+    await rig.start()
+    try:
+        await rig.publish(rig.event("order.confirmed", "fail-100-late"), headers={"x-inventory-attempts": 7})
+        await until(lambda: _async(rig.consumers.stats.retried == 1), what="the late one retried")
+        assert await rig.queue_depth(rig.names.retry_queue_for(60.0)) == 1  # waiting its 60 s
+        started = time.monotonic()
+        await rig.publish(rig.event("order.confirmed", "fail-1-soon"))
+        await until(lambda: _async(("order.confirmed", "fail-1-soon") in rig.handler.done), timeout=10.0,
+                    what="the short retry handled while the long one waits")
+        assert time.monotonic() - started < 10.0
+        assert rig.handler.handled.count(("order.confirmed", "fail-100-late")) == 1  # still waiting
+        assert await rig.queue_depth(rig.names.retry_queue_for(60.0)) == 1
+    finally:
+        await rig.close()
+
+
+def test_the_retry_ladder_doubles_from_the_first_delay_up_to_a_minute() -> None:
+    assert amqp.retry_delays(1.0) == (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0)
+    assert amqp.retry_delays(60.0) == (60.0,) and amqp.retry_delays(45.0) == (45.0, 60.0)
+    names = amqp.Names.of(amqp.ORDERS, "p.", 1.0)
+    assert names.retry_queue_for(4.0) == "p.inventory_order_consumer.retry.4000"
+    assert names.retry_queue_for(3.0) == "p.inventory_order_consumer.retry.4000"  # the next rung up
+    assert names.retry_queue_for(600.0) == "p.inventory_order_consumer.retry.60000"  # the last
+    assert names.all_queues()[0] == "p.inventory_order_consumer" and len(names.all_queues()) == 9
+    with pytest.raises(ValueError, match="positive"):
+        amqp.retry_delays(0.0)
+    assert Settings.from_env({"INVENTORY_AMQP_RETRY_SECONDS": "0.25"}).amqp_retry_seconds == 0.25
+    for bad in ("0", "-1", "61", "nan"):
+        with pytest.raises(ConfigError, match="INVENTORY_AMQP_RETRY_SECONDS must be between 0.001 and 60"):
+            Settings.from_env({"INVENTORY_AMQP_RETRY_SECONDS": bad})
 
 
 async def test_a_copy_of_a_message_without_message_id_keeps_having_none(rig: Rig) -> None:
@@ -328,7 +367,7 @@ async def test_a_failure_that_persists_is_dead_lettered_after_the_last_attempt_n
     assert dead.headers["x-inventory-error"].startswith("gave up after 4 attempts: database unavailable")
     assert dead.headers["x-inventory-attempts"] == 4
     assert rig.handler.handled.count(("order.confirmed", "fail-99-b")) == 4
-    assert await rig.queue_depth(rig.names.queue) == 0 and await rig.queue_depth(rig.names.retry_queue) == 0
+    assert await rig.queue_depth(rig.names.queue) == 0 and all([await rig.queue_depth(q) == 0 for q in rig.names.retry_queues])
 
 
 async def test_a_refused_message_is_dead_lettered_at_once(rig: Rig) -> None:
