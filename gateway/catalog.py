@@ -23,6 +23,7 @@ This module knows nothing of the edges: `gateway.flows.Core.check_variant` turns
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -34,10 +35,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.breaker import CircuitBreaker
 from gateway.config import Settings
 from gateway.pb import catalog_pb2, catalog_pb2_grpc
-from gateway.variant_cache import VariantCache, VariantInfo
+from gateway.variant_cache import LocalVariantCache, RedisVariantCache, VariantCache, VariantInfo
 
 log = logging.getLogger("inventory.catalog")
 
+NAMES_LOCAL_TTL = 300.0  # seconds the relay keeps names without a shared (invalidated) cache
 CATALOG_SERVICE = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
 
 
@@ -204,3 +206,54 @@ def build_validator(settings: Settings, cache: VariantCache, breaker: CircuitBre
              "on" if settings.catalog_degraded_mode else "off")
     return VariantValidator(CatalogClient(target, settings.catalog_timeout_seconds), cache, breaker,
                             degraded_mode=settings.catalog_degraded_mode)
+
+
+class VariantNames:
+    """The sku and product name of a variant, for the events that carry them (`low_level`,
+    filled in by the outbox relay): the shared cache, else the Catalog, else "" (the event is
+    published without them rather than held). After the Catalog did not answer, it is not asked
+    again for `quiet` seconds, so a backlog of events never waits on it one by one."""
+
+    def __init__(self, client: CatalogClient, cache: VariantCache, *, timeout: float = 2.0,
+                 quiet: float = 30.0) -> None:
+        self.client = client
+        self.cache = cache
+        self.timeout = timeout
+        self.quiet = quiet
+        self._quiet_until = 0.0
+
+    @classmethod
+    def build(cls, settings: Settings, breaker: CircuitBreaker) -> VariantNames | None:
+        """None when no Catalog is configured. The cache is the gateways' Redis if there is one
+        (fenced and invalidated like theirs), else a short-lived one of its own."""
+        if not settings.catalog_host or not settings.catalog_port:
+            return None
+        cache: VariantCache
+        if settings.redis_url:
+            cache = RedisVariantCache(settings.redis_url, breaker, settings.catalog_cache_ttl_seconds)
+        else:  # not invalidated by the Catalog's events: kept briefly
+            cache = LocalVariantCache(min(settings.catalog_cache_ttl_seconds, NAMES_LOCAL_TTL), 10_000)
+        client = CatalogClient(f"{settings.catalog_host}:{settings.catalog_port}",
+                               min(settings.catalog_timeout_seconds, 2.0))
+        return cls(client, cache, timeout=client.timeout)
+
+    async def of(self, organization_id: str, variant_id: str) -> tuple[str, str]:
+        cached = await self.cache.get(organization_id, variant_id)
+        if cached is not None:
+            return cached.sku, cached.product_name
+        if time.monotonic() < self._quiet_until:
+            return "", ""
+        try:
+            info = await asyncio.wait_for(self.client.validate(organization_id, variant_id), self.timeout + 1.0)
+        except (CatalogUnavailable, TimeoutError) as e:
+            self._quiet_until = time.monotonic() + self.quiet
+            log.warning("variant names: the Catalog did not answer (%s); events go without sku and product name "
+                        "for %.0f s", e or type(e).__name__, self.quiet)
+            return "", ""
+        if info.exists:
+            await self.cache.put(organization_id, variant_id, info)
+        return info.sku, info.product_name
+
+    async def close(self) -> None:
+        await self.client.close()
+        await self.cache.close()

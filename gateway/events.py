@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Protocol
 
 import aio_pika
@@ -176,6 +177,7 @@ class Incoming:
     organization_id: str
     event_id: str  # the envelope's event_id, else the AMQP message_id, else ""
     body: bytes
+    occurred_at: datetime | None = None  # the envelope's, if it is an ISO 8601 time with a zone
 
     @property
     def dedupe_key(self) -> str:
@@ -234,7 +236,19 @@ def parse(body: bytes, accepted: Sequence[str], default_organization_id: str, me
     event_id = envelope.event_id or message_id or ""
     if "\x00" in event_id:  # (the envelope's event_id is checked by its type; the AMQP message_id is not)
         raise Malformed("message_id: must not contain NUL")
-    return Incoming(envelope.event, data, org, event_id[:flows.MAX_ID_LENGTH], body)
+    return Incoming(envelope.event, data, org, event_id[:flows.MAX_ID_LENGTH], body, _time(envelope.occurred_at))
+
+
+def _time(text: str | None) -> datetime | None:
+    """An optional field that only informs (the purchase history's times): unreadable or without
+    a zone, it is ignored rather than refusing the event."""
+    if not text:
+        return None
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else None
 
 
 # ---------------------------------------------------------------- the handlers (calling the flows)
@@ -454,6 +468,11 @@ class EventHandlers:
                 self.core, org, variant, d.warehouse_id, kind, quantity,
                 reason=f"purchase order {d.purchase_order_id}", reference_id=d.purchase_order_id,
                 idempotency_key=_key(msg.event, key_id, variant))
+        try:  # after the movements: a failure here retries the event, whose movements then replay
+            await queries.record_purchase(self.core.pool, org, d.purchase_order_id, d.warehouse_id, sorted(merged),
+                                          d.supplier_id, msg.occurred_at, received=kind == "purchase_received")
+        except (OSError, asyncpg.PostgresError) as e:
+            raise flows.unavailable(e) from None
         return f"{kind} ({len(merged)} stocks)"
 
     async def purchase_ordered(self, msg: Incoming) -> str:

@@ -41,6 +41,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +50,15 @@ import asyncpg
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
 from gateway import amqp
+from gateway.breaker import CircuitBreaker
+from gateway.catalog import VariantNames
 from gateway.config import Settings
 from persistence import queries, session
 
 log = logging.getLogger("inventory.relay")
 
 LOW_LEVEL = "inventory.stock.low_level"
+REORDER_NEEDED = "inventory.stock.reorder_needed"
 RELAY_LOCK_ID = 0x1A7E_0002  # arbitrary, constant: "the inventory outbox relay"
 CONFIRM_TIMEOUT = 30.0
 PUBLISH_SLICE = 25  # publishes started per event-loop turn  # seconds for one batch's publishes and confirms
@@ -84,6 +88,7 @@ class OutboxRelay:
 
     def __init__(self, settings: Settings, dsn: str | None = None, *, name: str = "inventory-relay") -> None:
         assert settings.amqp_url, "the relay needs INVENTORY_AMQP_URL"
+        self.settings = settings
         self.url = settings.amqp_url
         self.dsn = dsn or settings.database_url
         assert self.dsn, "the relay needs a database"
@@ -101,6 +106,8 @@ class OutboxRelay:
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._db: asyncpg.Connection | None = None
+        self._names: VariantNames | None = None
+        self._names_built = False
         self._last_prune = time.monotonic()  # the first prune an hour after start
 
     # ------------------------------------------------------------ lifecycle
@@ -227,7 +234,7 @@ class OutboxRelay:
         self.stats.rounds += 1
         if not rows:
             return 0
-        rows = await self._named(rows)
+        rows = await self._enriched(rows)
         try:  # a robust channel is ready once its connection is up and it has been restored
             await asyncio.wait_for(self._channel.ready(), READY_TIMEOUT)  # type: ignore[union-attr]
         except TimeoutError:
@@ -275,29 +282,64 @@ class OutboxRelay:
             raise failure
         return confirmed
 
-    async def _named(self, rows: list[queries.OutboxEntry]) -> list[queries.OutboxEntry]:
-        """`inventory.stock.low_level` with its warehouse's name (the spec's `warehouse_name`),
-        which the shard that wrote the row does not keep: looked up here, once per warehouse
-        and batch. A warehouse without a row (or a name) leaves it empty."""
-        wanted = [i for i, r in enumerate(rows) if r.event_name == LOW_LEVEL]
+    async def _enriched(self, rows: list[queries.OutboxEntry]) -> list[queries.OutboxEntry]:
+        """Fill in what the spec's payloads carry and the shard that wrote the row does not keep,
+        looked up here once per key and batch:
+
+        * `low_level`: the warehouse's `warehouse_name` (from its row), the variant's `sku` and
+          `product_name` (from the Catalog, through the cache: `VariantNames`);
+        * `reorder_needed`: `last_supplier_id` and `average_lead_time_days`, from the purchase
+          history (migration 008).
+
+        What cannot be found stays as the shard wrote it ("" or null): the event is not held."""
+        wanted = [i for i, r in enumerate(rows) if r.event_name in (LOW_LEVEL, REORDER_NEEDED)]
         if not wanted:
             return rows
         assert self._db is not None
         out = list(rows)
-        names: dict[tuple[str, str], str] = {}
+        found: dict[tuple[str, ...], Any] = {}
+
+        async def once(lookup: Callable[..., Awaitable[Any]], *key: str) -> Any:
+            if (lookup.__name__, *key) not in found:
+                found[(lookup.__name__, *key)] = await lookup(*key)
+            return found[(lookup.__name__, *key)]
+
         for i in wanted:
             body = json.loads(rows[i].payload)
             data = body.get("data") or {}
-            if data.get("warehouse_name") or not data.get("warehouse_id"):
+            org, variant, warehouse = body.get("organization_id", ""), data.get("variant_id"), data.get("warehouse_id")
+            if not variant or not warehouse:
                 continue
-            key = (body.get("organization_id", ""), data["warehouse_id"])
-            if key not in names:
-                names[key] = await queries.warehouse_name(self._db, *key) or ""
-            if names[key]:
-                data["warehouse_name"] = names[key]
+            before = dict(data)
+            if rows[i].event_name == LOW_LEVEL:
+                if not data.get("warehouse_name"):
+                    data["warehouse_name"] = await once(self._warehouse_name, org, warehouse)
+                if not data.get("sku") and not data.get("product_name"):
+                    data["sku"], data["product_name"] = await once(self._variant_names, org, variant)
+            elif data.get("last_supplier_id") is None and data.get("average_lead_time_days") is None:
+                data["last_supplier_id"], data["average_lead_time_days"] = await once(
+                    self._supplier_history, org, variant, warehouse)
+            if data != before:
                 payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
                 out[i] = dataclasses.replace(rows[i], payload=payload)
         return out
+
+    async def _warehouse_name(self, org: str, warehouse: str) -> str:
+        assert self._db is not None
+        return await queries.warehouse_name(self._db, org, warehouse) or ""
+
+    async def _supplier_history(self, org: str, variant: str, warehouse: str) -> tuple[str | None, int | None]:
+        assert self._db is not None
+        return await queries.supplier_history(self._db, org, variant, warehouse)
+
+    async def _variant_names(self, org: str, variant: str) -> tuple[str, str]:
+        if not self._names_built:  # here, on the relay's own event loop
+            self._names_built = True
+            self._names = VariantNames.build(self.settings, CircuitBreaker(
+                "relay-redis", self.settings.breaker_failure_threshold, self.settings.breaker_cooldown_seconds))
+        if self._names is None:
+            return "", ""
+        return await self._names.of(org, variant)
 
     async def _maybe_prune(self) -> None:
         """Published rows are kept OUTBOX_RETENTION_SECONDS (to look into), then deleted by the active relay."""
@@ -323,6 +365,12 @@ class OutboxRelay:
 
     async def _close(self) -> None:
         await self._close_db()
+        names, self._names, self._names_built = self._names, None, False
+        if names is not None:
+            try:
+                await asyncio.wait_for(names.close(), 2)
+            except Exception as e:  # noqa: BLE001 - closing only
+                log.debug("relay: closing the variant names' clients: %s", _describe(e))
         connection, self._amqp, self._channel, self._exchange = self._amqp, None, None, None
         if connection is not None:
             try:

@@ -115,6 +115,42 @@ async def purchase_received(pool: asyncpg.Pool, organization_id: str, purchase_o
         organization_id, purchase_order_id, variant_id, warehouse_id))
 
 
+async def record_purchase(pool: asyncpg.Pool, organization_id: str, purchase_order_id: str, warehouse_id: str,
+                          variant_ids: list[str], supplier_id: str, at: datetime | None, *, received: bool) -> None:
+    """The purchase history behind reorder_needed's supplier and lead time (migration 008): a
+    created order sets `ordered_at` (and its supplier), the first receipt sets `received_at`.
+    Idempotent: a replay or a later receipt changes nothing; a supplier given once is kept."""
+    column = "received_at" if received else "ordered_at"
+    await pool.execute(
+        f"""INSERT INTO purchase_order_lines AS p (organization_id, purchase_order_id, variant_id, warehouse_id,
+                                                  supplier_id, {column})
+            SELECT $1, $2, v, $3, $5, coalesce($6, now()) FROM unnest($4::text[]) AS v
+            ON CONFLICT (organization_id, purchase_order_id, variant_id, warehouse_id) DO UPDATE
+            SET supplier_id = CASE WHEN excluded.supplier_id <> '' THEN excluded.supplier_id ELSE p.supplier_id END,
+                {column} = coalesce(p.{column}, excluded.{column})""",
+        organization_id, purchase_order_id, warehouse_id, variant_ids, supplier_id, at)
+
+
+LEAD_TIME_SAMPLE = 10  # the latest received purchase orders that make a stock's average lead time
+
+
+async def supplier_history(conn: asyncpg.Connection, organization_id: str, variant_id: str,
+                           warehouse_id: str) -> tuple[str | None, int | None]:
+    """(the supplier of the stock's latest purchase order that names one, the average days from
+    order to first receipt over its latest LEAD_TIME_SAMPLE received orders), each None if unknown."""
+    row = await conn.fetchrow(
+        """SELECT (SELECT supplier_id FROM purchase_order_lines
+                   WHERE organization_id = $1 AND variant_id = $2 AND warehouse_id = $3 AND supplier_id <> ''
+                   ORDER BY ordered_at DESC NULLS LAST LIMIT 1),
+                  (SELECT round(avg(greatest(extract(epoch FROM received_at - ordered_at), 0)) / 86400)::int
+                   FROM (SELECT received_at, ordered_at FROM purchase_order_lines
+                         WHERE organization_id = $1 AND variant_id = $2 AND warehouse_id = $3
+                           AND ordered_at IS NOT NULL AND received_at IS NOT NULL
+                         ORDER BY ordered_at DESC LIMIT $4) AS latest)""",
+        organization_id, variant_id, warehouse_id, LEAD_TIME_SAMPLE)
+    return row[0], row[1]
+
+
 async def transfer_in_transit(pool: asyncpg.Pool, organization_id: str,
                               transfer_id: str) -> tuple[str, str, int] | None:
     """(variant_id, destination warehouse_id, quantity) of a shipped transfer."""

@@ -234,11 +234,12 @@ class EventsService:
     # ------------------------------------------------------------ publishing and watching
 
     async def publish(self, exchange: str, event: str, data: dict[str, Any], org: str, *,
-                      event_id: str | None = None, raw: bytes | None = None, **props: Any) -> str:
+                      event_id: str | None = None, raw: bytes | None = None,
+                      occurred_at: str = "2026-11-28T05:00:00Z", **props: Any) -> str:
         """Publish one envelope (or `raw` bytes) to <prefix><exchange>; returns its event_id."""
         event_id = event_id or str(uuid.uuid4())
         body = raw if raw is not None else json.dumps(
-            {"event": event, "event_id": event_id, "occurred_at": "2026-11-28T05:00:00Z", "organization_id": org,
+            {"event": event, "event_id": event_id, "occurred_at": occurred_at, "organization_id": org,
              "data": data}).encode()
         x = await self.channel.get_exchange(self.prefix + exchange)
         await x.publish(aio_pika.Message(body, content_type="application/json", **props), routing_key=event)
@@ -713,6 +714,28 @@ async def test_a_purchase_order_created_after_its_receipt_puts_in_transit_only_w
                                                                   second, org))
     lamp = (await svc.levels(org, "lamp"))["wh_101"]
     assert (lamp.on_hand, lamp.in_transit) == (11, 10)  # po_3's 10 still to come
+
+
+async def test_reorder_needed_names_the_last_supplier_and_the_lead_time_of_the_stock_s_purchase_orders(
+        svc: EventsService, org: str) -> None:
+    await svc.warehouse(org, "wh_101")
+    po = {"purchase_order_id": "po_7", "warehouse_id": "wh_101", "supplier_id": "sup_456",
+          "items": [{"variant_id": "stool", "quantity": 50}]}
+    created = await svc.publish("purchasing_events", "purchase_order.created", po, org,
+                                occurred_at="2026-11-01T10:00:00Z")
+    await svc.handled("purchase_order.created", created)
+    receipt = {k: v for k, v in po.items() if k != "supplier_id"}  # a receipt need not name the supplier
+    received = await svc.publish("purchasing_events", "purchase_order.received", receipt, org,
+                                 occurred_at="2026-11-08T10:00:00+00:00")
+    await svc.handled("purchase_order.received", received)
+    await svc.admin.SetStockPolicy(pb.StockPolicyRequest(organization_id=org, variant_id="stool", warehouse_id="wh_101",
+                                                         min_stock=5, max_stock=200, reorder_point=45))
+    placed = await svc.publish("order_events", "order.placed",
+                               {"order_id": "o-stool", "items": [{"variant_id": "stool", "quantity": 10}]}, org)
+    assert await svc.handled("order.placed", placed) == "reserved"
+    (reorder,) = await svc.wait_for(org, "inventory.stock.reorder_needed")
+    assert reorder["data"]["current_stock"] == 40 and reorder["data"]["suggested_order_quantity"] == 160
+    assert (reorder["data"]["last_supplier_id"], reorder["data"]["average_lead_time_days"]) == ("sup_456", 7)
 
 
 async def test_a_received_purchase_order_publishes_a_receipt_movement(svc: EventsService, org: str) -> None:

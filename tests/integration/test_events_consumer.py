@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
@@ -234,6 +235,17 @@ def test_json_nested_deeper_than_the_decoder_goes_is_malformed_not_a_crash() -> 
                  b'{"event": "order.placed", "data": {"order_id": "o", "items": ' + b"[" * 100_000 + b"}}"):
         with pytest.raises(Malformed, match="nested too deeply|not a JSON|Expected `object`"):
             parse(body, ORDER_EVENTS, "d")
+
+
+def test_occurred_at_is_read_when_it_is_a_time_with_a_zone_and_ignored_otherwise() -> None:
+    def at(value: object) -> object:
+        body = {"event": "order.confirmed", "occurred_at": value, "data": {"order_id": "o1"}}
+        return parse(json.dumps(body).encode(), ORDER_EVENTS, "d").occurred_at
+
+    assert at("2026-11-08T10:00:00Z") == datetime(2026, 11, 8, 10, tzinfo=UTC)
+    assert at("2026-11-08T12:00:00+02:00") == datetime(2026, 11, 8, 10, tzinfo=UTC)
+    assert at("2026-11-08T10:00:00") is None and at("yesterday") is None and at("") is None  # no zone, no time
+    assert at(None) is None
 
 
 def test_a_message_id_with_nul_is_malformed_when_it_is_the_dedupe_key() -> None:

@@ -24,6 +24,8 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from conftest import eventually
 
+from actors.messages import ThresholdCrossed
+from actors.stock import StockState
 from gateway import amqp
 from gateway.config import Settings
 from gateway.relay import OutboxRelay
@@ -260,3 +262,102 @@ async def test_published_rows_are_forgotten_after_the_retention_and_unsent_ones_
     left = [r["id"] for r in await pool.fetch("SELECT id FROM outbox WHERE organization_id = $1 ORDER BY id", org)]
     assert left == ids[2:]  # recent published rows and the unsent ones stay
     await pool.execute("UPDATE outbox SET sent_at = now() WHERE organization_id = $1", org)
+
+
+# ---------------------------------------------------------------- payloads the relay completes
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+async def write_thresholds(pool: asyncpg.Pool, org: str, kind: str, variants: list[str],
+                           warehouse: str = "wh_101") -> None:
+    """Threshold rows as a shard writes them (persistence.outbox.threshold): no names, no supplier."""
+    rows = [outbox.threshold((org, v, warehouse), ThresholdCrossed(kind=kind, available=4),
+                             StockState(org, v, warehouse, on_hand=10, reserved=6, min_stock=5, max_stock=50,
+                                        reorder_point=8, version=3), time.time())
+            for v in variants]
+    async with pool.acquire() as conn:
+        await outbox.insert(conn, rows)
+
+
+async def test_low_level_gets_the_variant_s_sku_and_name_from_the_catalog_once_then_from_the_cache(
+        pool: asyncpg.Pool, tap: Tap, prefix: str) -> None:
+    from catalog_double import catalog_double
+
+    org = str(uuid.uuid4())
+    await pool.execute("INSERT INTO warehouses (organization_id, warehouse_id, name) VALUES ($1, 'wh_101',"
+                       " 'Bodega Principal')", org)
+    async with catalog_double() as catalog:
+        catalog.double.add(org, "var_789", sku="CAM-ROJA-M", product_name="Camiseta Roja M")
+        relay = relay_for(prefix, catalog_host="127.0.0.1", catalog_port=catalog.port, redis_url=REDIS_URL)
+        relay.start()
+        try:
+            await write_thresholds(pool, org, "low_level", ["var_789", "unknown"])
+            await until(lambda: _async(len(tap.events(org)) == 2), what="2 low_level events")
+            asked = catalog.double.calls
+            await write_thresholds(pool, org, "low_level", ["var_789"])  # a later batch: from the cache
+            await until(lambda: _async(len(tap.events(org)) == 3), what="3 low_level events")
+        finally:
+            await relay.stop()
+    first, unknown, again = (e["data"] for e in tap.events(org))
+    assert (first["sku"], first["product_name"], first["warehouse_name"]) == \
+        ("CAM-ROJA-M", "Camiseta Roja M", "Bodega Principal")
+    assert (unknown["sku"], unknown["product_name"], unknown["warehouse_name"]) == ("", "", "Bodega Principal")
+    assert (again["sku"], again["product_name"]) == ("CAM-ROJA-M", "Camiseta Roja M")
+    assert asked == 2 and catalog.double.calls == 2  # once per variant; the third from Redis
+    assert first["shortage"] == 1 and first["available_quantity"] == 4  # the shard's fields untouched
+
+
+async def test_a_catalog_that_does_not_answer_is_not_waited_on_for_every_low_level_event(
+        pool: asyncpg.Pool, tap: Tap, prefix: str) -> None:
+    from catalog_double import catalog_double
+
+    org = str(uuid.uuid4())
+    async with catalog_double() as catalog:
+        catalog.double.hang(health=False)
+        relay = relay_for(prefix, catalog_host="127.0.0.1", catalog_port=catalog.port, catalog_timeout_seconds=0.5)
+        relay.start()
+        try:
+            await write_thresholds(pool, org, "low_level", [f"v{i}" for i in range(20)])
+            await until(lambda: _async(len(tap.events(org)) == 20), timeout=20, what="20 low_level events")
+        finally:
+            catalog.double.resume()
+            await relay.stop()
+    assert all(e["data"]["sku"] == "" and e["data"]["product_name"] == "" for e in tap.events(org))
+    assert catalog.double.calls <= 3  # the first variant's call (with its retries), then none for 30 s
+
+
+async def test_reorder_needed_gets_the_last_supplier_and_the_average_lead_time_from_the_purchase_history(
+        pool: asyncpg.Pool, tap: Tap, prefix: str) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from persistence import queries
+
+    org = str(uuid.uuid4())
+    day0 = datetime(2026, 1, 5, 9, tzinfo=UTC)
+
+    async def purchase(po: str, supplier: str, ordered: int, received: int | None, variant: str = "chair") -> None:
+        await queries.record_purchase(pool, org, po, "wh_101", [variant], supplier, day0 + timedelta(days=ordered),
+                                      received=False)
+        if received is not None:  # a receipt that names no supplier keeps the order's
+            await queries.record_purchase(pool, org, po, "wh_101", [variant], "", day0 + timedelta(days=received),
+                                          received=True)
+            await queries.record_purchase(pool, org, po, "wh_101", [variant], "", day0 + timedelta(days=received + 3),
+                                          received=True)  # a second delivery: the first one counts
+
+    await purchase("po-1", "sup_1", 0, 7)
+    await purchase("po-2", "sup_2", 10, 15)
+    await purchase("po-3", "sup_3", 20, None)  # not delivered yet: the latest supplier, no lead time
+    await purchase("po-4", "sup_9", 30, 31, variant="table")  # another stock
+    await queries.record_purchase(pool, org, "po-3", "wh_101", ["chair"], "sup_3", day0, received=False)  # replay
+    relay = relay_for(prefix)
+    relay.start()
+    try:
+        await write_thresholds(pool, org, "reorder_needed", ["chair", "lamp"])
+        await until(lambda: _async(len(tap.events(org)) == 2), what="2 reorder_needed events")
+    finally:
+        await relay.stop()
+    chair, lamp = (e["data"] for e in tap.events(org))
+    assert (chair["last_supplier_id"], chair["average_lead_time_days"]) == ("sup_3", 6)  # (7 + 5) / 2
+    assert (lamp["last_supplier_id"], lamp["average_lead_time_days"]) == (None, None)  # never purchased
+    assert chair["suggested_order_quantity"] == 46 and chair["current_stock"] == 4
