@@ -101,6 +101,9 @@ class RecordMovement(_Msg, frozen=True):
     idempotency_key: str = ""
     create_if_missing: bool = False
     source: str = ""
+    in_transit_limit: int = -1
+    """purchase_received: take at most this much out of in_transit (what the purchase order
+    still has in transit; in_transit also holds transfers' and other orders' units); -1: no limit."""
 
 
 class SetStockPolicy(_Msg, frozen=True):

@@ -317,10 +317,11 @@ def apply(state: StockState, event: Event) -> None:
 
 
 def _status_after_move(status: str, kind: str, in_transit: int) -> str:
-    """A purchase order in transit marks the stock pending_purchase until it is received."""
+    """A purchase order in transit marks the stock pending_purchase until nothing is in transit
+    any more (in_transit also holds transfers' units: whichever arrives last ends it)."""
     if kind == "purchase_ordered" and status == "active":
         return "pending_purchase"
-    if kind == "purchase_received" and status == "pending_purchase" and in_transit == 0:
+    if kind != "purchase_ordered" and status == "pending_purchase" and in_transit == 0:
         return "active"
     return status
 
@@ -814,7 +815,10 @@ def _movement(w: _Work, cmd: RecordMovement) -> Decision:
             return w.finish(_invalid("quantity: in_transit would exceed the int32 range"))
         transit_delta = cmd.quantity
     elif cmd.kind == "purchase_received":
-        transit_delta = -min(cmd.quantity, in_transit)  # goods may arrive without an order we saw
+        # Goods may arrive without an order we saw, or more than was ordered: only what the
+        # order has in transit leaves in_transit (the gateway knows it: in_transit_limit).
+        limit = cmd.in_transit_limit if cmd.in_transit_limit >= 0 else cmd.quantity
+        transit_delta = -min(cmd.quantity, in_transit, limit)
     w.emit(key, StockMoved(cmd.kind, on_hand_delta=delta, in_transit_delta=transit_delta, reason=cmd.reason,
                            reference_id=cmd.reference_id, source=cmd.source))
     return w.finish(DoneResult(levels=(w.level(key),)))

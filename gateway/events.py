@@ -278,12 +278,19 @@ def _key(*parts: str) -> str:
     return text if len(text) <= flows.MAX_ID_LENGTH else "evt:" + hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
 
 
+PURCHASE_LOCK_CLASS = 0x1A7E  # advisory locks (class, hashtext(org:purchase order)): one order at a time
+PURCHASES_AT_ONCE = 2
+
+
 class EventHandlers:
     """What each incoming event means for the inventory."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
         self.settings = core.settings
+        # A purchase order holds a pooled connection (its lock) while its movements are made:
+        # at most this many at once, so a burst of them leaves the pool to everything else.
+        self._purchases = asyncio.Semaphore(PURCHASES_AT_ONCE)
         self._handlers: dict[str, Callable[[Incoming], Awaitable[str]]] = {
             "catalog.variant.created": self.variant_created,
             "catalog.variant.updated": self.variant_updated,
@@ -453,24 +460,32 @@ class EventHandlers:
         for variant, quantity in sorted(merged.items()):
             if quantity > MAX_QUANTITY:
                 raise Malformed(f"data.items: total quantity of variant {variant} exceeds int32")
-            if kind == "purchase_ordered":
-                # Handled after (part of) its receipt (a retry behind it): the units that receipt
-                # could not take out of in_transit are not in transit.
-                try:
-                    received = await queries.purchase_received(self.core.pool, org, d.purchase_order_id, variant,
+        try:
+            async with self._purchases, self.core.pool.acquire() as conn, conn.transaction():
+                # One purchase order at a time, across gateways too (within one the consumer's
+                # keyed locks do it): its ledger must not change between our read and its movement.
+                # A transaction-scoped lock: gone with the transaction, whatever happens.
+                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", PURCHASE_LOCK_CLASS,
+                                   f"{org}:{d.purchase_order_id}")
+                for variant, quantity in sorted(merged.items()):
+                    progress = await queries.purchase_progress(conn, org, d.purchase_order_id, variant,
                                                                d.warehouse_id)
-                except (OSError, asyncpg.PostgresError) as e:
-                    raise flows.unavailable(e) from None
-                quantity -= min(received, quantity)
-                if not quantity:
-                    continue
-            await flows.record_movement(
-                self.core, org, variant, d.warehouse_id, kind, quantity,
-                reason=f"purchase order {d.purchase_order_id}", reference_id=d.purchase_order_id,
-                idempotency_key=_key(msg.event, key_id, variant))
-        try:  # after the movements: a failure here retries the event, whose movements then replay
-            await queries.record_purchase(self.core.pool, org, d.purchase_order_id, d.warehouse_id, sorted(merged),
-                                          d.supplier_id, msg.occurred_at, received=kind == "purchase_received")
+                    if kind == "purchase_ordered":
+                        # Handled after (part of) its receipt (a retry behind it): the units that
+                        # receipt did not take out of in_transit are not in transit.
+                        quantity -= min(progress.received_beyond, quantity)
+                        if not quantity:
+                            continue
+                    await flows.record_movement(
+                        self.core, org, variant, d.warehouse_id, kind, quantity,
+                        reason=f"purchase order {d.purchase_order_id}", reference_id=d.purchase_order_id,
+                        idempotency_key=_key(msg.event, key_id, variant),
+                        # a receipt takes out of in_transit only what this order has there: not a
+                        # transfer's units, nor another order's, when more arrives than was ordered
+                        in_transit_limit=progress.in_transit if kind == "purchase_received" else -1)
+                # after the movements: a failure here retries the event, whose movements then replay
+                await queries.record_purchase(conn, org, d.purchase_order_id, d.warehouse_id, sorted(merged),
+                                              d.supplier_id, msg.occurred_at, received=kind == "purchase_received")
         except (OSError, asyncpg.PostgresError) as e:
             raise flows.unavailable(e) from None
         return f"{kind} ({len(merged)} stocks)"

@@ -344,11 +344,12 @@ async def ship(core: Core, org: str, rid: str) -> bool:
 
 async def record_movement(core: Core, org: str, variant: str, warehouse: str, kind: str, quantity: int,
                           reason: str = "", reference_id: str = "", idempotency_key: str = "",
-                          source: str = "") -> tuple[StockLevel, ...]:
+                          source: str = "", in_transit_limit: int = -1) -> tuple[StockLevel, ...]:
     """A movement from an event (return, purchase_ordered, purchase_received) or the admin API."""
     reply = await core.ask_ok(org, variant, RecordMovement(
         org, variant, warehouse, kind, quantity, reason, reference_id, idempotency_key,
-        create_if_missing=kind in ("receipt", "purchase_ordered", "purchase_received"), source=source))
+        create_if_missing=kind in ("receipt", "purchase_ordered", "purchase_received"), source=source,
+        in_transit_limit=in_transit_limit))
     assert isinstance(reply, DoneResult)
     return reply.levels
 

@@ -103,19 +103,28 @@ async def reservation_lines(pool: asyncpg.Pool, organization_id: str, reservatio
     return [LineRow(*r) for r in rows]
 
 
-async def purchase_received(pool: asyncpg.Pool, organization_id: str, purchase_order_id: str,
-                            variant_id: str, warehouse_id: str) -> int:
-    """Units of a purchase order's variant received in a warehouse that were not taken out of
-    in_transit (it held less, the order not being in transit yet): what its late
-    `purchase_order.created` must not put in transit. (Migration 007's index.)"""
-    return int(await pool.fetchval(
-        "SELECT coalesce(sum(on_hand_delta + in_transit_delta), 0) FROM movements"
-        " WHERE organization_id = $1 AND reference_id = $2 AND type = 'purchase_received'"
-        " AND variant_id = $3 AND warehouse_id = $4",
-        organization_id, purchase_order_id, variant_id, warehouse_id))
+@dataclass(frozen=True)
+class PurchaseProgress:
+    """Where one purchase order's variant stands in one warehouse, from its ledger rows."""
+
+    in_transit: int  # what the order has in in_transit now: what its receipts may take out of it
+    received_beyond: int  # received units that did not come out of in_transit: its late
+    # `purchase_order.created` must not put them in transit
 
 
-async def record_purchase(pool: asyncpg.Pool, organization_id: str, purchase_order_id: str, warehouse_id: str,
+async def purchase_progress(conn: asyncpg.Pool | asyncpg.Connection, organization_id: str, purchase_order_id: str,
+                            variant_id: str, warehouse_id: str) -> PurchaseProgress:
+    """(Migration 009's index.)"""
+    row = await conn.fetchrow(
+        "SELECT coalesce(sum(in_transit_delta), 0),"
+        " coalesce(sum(on_hand_delta + in_transit_delta) FILTER (WHERE type = 'purchase_received'), 0)"
+        " FROM movements WHERE organization_id = $1 AND reference_id = $2"
+        " AND type IN ('purchase_ordered', 'purchase_received') AND variant_id = $3 AND warehouse_id = $4",
+        organization_id, purchase_order_id, variant_id, warehouse_id)
+    return PurchaseProgress(max(int(row[0]), 0), int(row[1]))
+
+
+async def record_purchase(pool: asyncpg.Pool | asyncpg.Connection, organization_id: str, purchase_order_id: str, warehouse_id: str,
                           variant_ids: list[str], supplier_id: str, at: datetime | None, *, received: bool) -> None:
     """The purchase history behind reorder_needed's supplier and lead time (migration 008): a
     created order sets `ordered_at` (and its supplier), the first receipt sets `received_at`.

@@ -716,6 +716,35 @@ async def test_a_purchase_order_created_after_its_receipt_puts_in_transit_only_w
     assert (lamp.on_hand, lamp.in_transit) == (11, 10)  # po_3's 10 still to come
 
 
+async def test_a_purchase_receipt_takes_out_of_in_transit_only_what_its_order_has_there(
+        svc: EventsService, org: str) -> None:
+    """in_transit holds a transfer's units and several orders' units at once: an over-delivery, or
+    a delivery of an order never announced, must not take theirs (they would arrive twice)."""
+    await svc.warehouse(org, "wh_a")
+    await svc.warehouse(org, "wh_101")
+    await svc.receive(org, "rug", "wh_a", 30)
+    await svc.admin.TransferStock(pb.TransferRequest(organization_id=org, variant_id="rug", from_warehouse_id="wh_a",
+                                                     to_warehouse_id="wh_101", quantity=10, transfer_id="tr-1"))
+    po = {"purchase_order_id": "po_8", "warehouse_id": "wh_101", "items": [{"variant_id": "rug", "quantity": 20}]}
+    await svc.handled("purchase_order.created", await svc.publish("purchasing_events", "purchase_order.created",
+                                                                  po, org))
+    assert (await svc.levels(org, "rug"))["wh_101"].in_transit == 30  # the transfer's 10, the order's 20
+    over = {**po, "items": [{"variant_id": "rug", "quantity": 25}]}  # 5 more than ordered
+    await svc.handled("purchase_order.received", await svc.publish("purchasing_events", "purchase_order.received",
+                                                                   over, org))
+    level = (await svc.levels(org, "rug"))["wh_101"]
+    assert (level.on_hand, level.in_transit) == (25, 10)  # the transfer's 10 still on their way
+    unknown = {"purchase_order_id": "po_never_seen", "warehouse_id": "wh_101",
+               "items": [{"variant_id": "rug", "quantity": 4}]}
+    await svc.handled("purchase_order.received", await svc.publish("purchasing_events", "purchase_order.received",
+                                                                   unknown, org))
+    level = (await svc.levels(org, "rug"))["wh_101"]
+    assert (level.on_hand, level.in_transit) == (29, 10)
+    await svc.admin.ReceiveTransfer(pb.ReceiveTransferRequest(organization_id=org, transfer_id="tr-1"))
+    level = (await svc.levels(org, "rug"))["wh_101"]
+    assert (level.on_hand, level.in_transit, level.status) == (39, 0, "active")
+
+
 async def test_reorder_needed_names_the_last_supplier_and_the_lead_time_of_the_stock_s_purchase_orders(
         svc: EventsService, org: str) -> None:
     await svc.warehouse(org, "wh_101")

@@ -1126,3 +1126,23 @@ def test_an_archived_variant_gets_no_new_stock_in_another_warehouse() -> None:
     # a variant never archived still gets its first stock anywhere
     d = shard.send(RecordMovement(ORG, V2, "w2", "receipt", 5, create_if_missing=True))
     assert not isinstance(d.reply, Rejected)
+
+
+def test_a_purchase_receipt_takes_out_of_in_transit_at_most_its_limit_and_pending_ends_with_the_last_arrival() -> None:
+    shard = ShardFake(stock("w1", on_hand=30), stock("w2", on_hand=0))
+    shard.send(ShipTransfer(ORG, V, "w1", "w2", 10, "t1"))  # w2: 10 in transit from a transfer
+    shard.send(RecordMovement(ORG, V, "w2", "purchase_ordered", 20))
+    assert (shard.stock("w2").in_transit, shard.stock("w2").status) == (30, "pending_purchase")
+    d = shard.send(RecordMovement(ORG, V, "w2", "purchase_received", 25, in_transit_limit=20))
+    (moved,) = [e for _, e in d.events if isinstance(e, StockMoved)]
+    assert (moved.on_hand_delta, moved.in_transit_delta) == (25, -20)
+    assert (shard.stock("w2").on_hand, shard.stock("w2").in_transit) == (25, 10)
+    assert shard.stock("w2").status == "pending_purchase"  # the transfer is still on its way
+    shard.send(RecordMovement(ORG, V, "w2", "purchase_received", 4, in_transit_limit=0))  # an order never seen
+    assert (shard.stock("w2").on_hand, shard.stock("w2").in_transit) == (29, 10)
+    shard.send(ReceiveTransfer(ORG, V, "w2", 10, "t1"))
+    assert (shard.stock("w2").on_hand, shard.stock("w2").in_transit, shard.stock("w2").status) == (39, 0, "active")
+    # without a limit (-1, the default) a receipt takes what it can, as before
+    shard.send(RecordMovement(ORG, V, "w2", "purchase_ordered", 5))
+    shard.send(RecordMovement(ORG, V, "w2", "purchase_received", 8))
+    assert (shard.stock("w2").on_hand, shard.stock("w2").in_transit, shard.stock("w2").status) == (47, 0, "active")
