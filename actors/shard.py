@@ -176,6 +176,10 @@ def _with_state(resident: Resident, state: StockState) -> None:
     resident.states = have + (state,) if have else state
 
 
+class Reconnecting(Exception):
+    """A batch that comes while the shard waits to reconnect (after a failed attempt)."""
+
+
 class TimerHeap:
     """The shard's expiry timers: one live timer per variant, at the earliest `expires_at` of its
     open TTL lines. The heap holds (expires_at, org, variant); a variant's live time is its
@@ -258,6 +262,11 @@ class ShardCore:
         self.warehouse_as_of: dict[tuple[str, str], float] = {}
         self._next_passivation = 0.0
         self._loaded_since_freeze = 0
+        self.served = False  # started once: holds (or held) the lock
+        self.superseded = False  # found its lock held by another incarnation after it served
+        self.connects = 0  # attempts to connect and take the lock
+        self.reconnect_at = 0.0  # (monotonic) no new attempt before this, after one failed
+        self._reconnect_backoff = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -265,7 +274,10 @@ class ShardCore:
         """Connect, take the shard lock (`take_over`: from whoever holds it, see ShardStore.connect),
         re-arm the timers of the open reservations due within the timer horizon (later ones are
         armed as the horizon moves on: see `_arm_next_window`)."""
+        self.connects += 1
         await self.store.connect(take_over)
+        self.served = True
+        self.reconnect_at, self._reconnect_backoff = 0.0, 0.0
         self.residents.clear()
         self.timers = TimerHeap(self.residents)
         self.armed_until = 0.0
@@ -285,20 +297,48 @@ class ShardCore:
         self.armed_until = until
 
     async def ensure_started(self, now: float | None = None) -> None:
+        """Connected, with the lock, and the timers of the next window armed. Reconnecting after
+        a failure backs off (up to RECONNECT_MAX seconds), so a shard whose Postgres is down, or
+        whose lock another incarnation holds, does not open a connection at every overdue timer's
+        wakeup. Finding the lock taken after it served marks it `superseded` (its actor stops it)."""
         if not self.store.healthy:
-            await self.start(now)
+            if time.monotonic() < self.reconnect_at:
+                raise Reconnecting(f"shard {self.cfg.shard_id} is reconnecting to Postgres")
+            try:
+                await self.start(now)
+            except BaseException as e:
+                self._reconnect_backoff = min(max(self._reconnect_backoff * 2, 0.1), RECONNECT_MAX)
+                self.reconnect_at = time.monotonic() + self._reconnect_backoff
+                if isinstance(e, ShardLockHeld) and self.served:
+                    self.superseded = True
+                raise
         elif now is not None and now + self.cfg.timer_horizon / 2 >= self.armed_until:
             await self._arm_next_window(now)
 
     async def stop(self) -> None:
         await self.store.close()
 
+    async def check(self) -> None:
+        """The periodic check of an idle shard: is its session (and so its lock) still there?
+        An orphan, whose session a new incarnation ended, learns it here and is `superseded`."""
+        if self.store.healthy:
+            try:
+                await self.store.ping(PING_TIMEOUT)
+            except Exception as e:  # noqa: BLE001 - gone (or stalled): reconnect at the next check or batch
+                log.warning("shard %s lost its Postgres session: %s", self.cfg.shard_id, e or type(e).__name__)
+                self.store.abandon()
+        elif self.served:
+            try:
+                await self.ensure_started()
+            except Exception as e:  # noqa: BLE001 - Postgres down or the lock taken: see `superseded`
+                log.debug("shard %s check: %s", self.cfg.shard_id, e)
+
     # ------------------------------------------------------------ the batch
 
     async def process(self, commands: list[Command], now: float) -> list[Reply]:
         try:
             await self.ensure_started(now)
-        except ShardLockHeld as e:
+        except (ShardLockHeld, Reconnecting) as e:
             return [Rejected("unavailable", str(e))] * len(commands)
         except Exception as e:  # noqa: BLE001 - Postgres down: fail fast, retry on the next batch
             log.warning("shard %s cannot reach Postgres: %s", self.cfg.shard_id, e)
@@ -600,11 +640,15 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 _MERGE = "merge"  # the payload of the wakeup that ends a merge window
+_CHECK = "check"  # the payload of the periodic check of the shard's session (CHECK_EVERY)
 # Seconds a new incarnation waits for its shard's lock before it ends the holder's Postgres
 # session: an old incarnation that stops releases it at once, one that died with its node loses
 # it with its connection; one still holding it after this is an orphan (a leader restarted and
 # placed every shard anew, the old ones on the members never told) or stuck.
 TAKE_OVER_AFTER = 10.0
+RECONNECT_MAX = 2.0  # seconds between attempts to reconnect at most
+CHECK_EVERY = 5.0  # seconds between an idle shard's checks of its Postgres session (ShardCore.check)
+PING_TIMEOUT = 2.0  # below the registrar's DEAD_AFTER: a check never makes a live shard look dead
 REPLAY_MEMORY = 600.0  # seconds a replay refuses the aborts of its reservation (see ShardCore._refused_abort)
 _SEVERAL_FOR = 1.0  # seconds a gateway counts as sending work after its last non-empty batch
 
@@ -639,6 +683,8 @@ class StockShard(ActorTypeDispatcher):
         self.merged_batches = 0
         self.listener: Listener | None = None  # the batch path's socket (actors/datapath.py)
         self.lock_wait_since: float | None = None  # since when ShardConfigure finds the lock held
+        self.checking = False  # a _CHECK wakeup is pending
+        self.exiting = False
 
     def receiveMessage(self, message: Any, sender: Any) -> Any:
         """Every message is dispatched as usual; afterwards (also after a failure) Thespian
@@ -682,6 +728,9 @@ class StockShard(ActorTypeDispatcher):
             self.lock_wait_since = None
             self._listen()
             self.send(sender, self._status())
+            if not self.checking:
+                self.checking = True
+                self.wakeupAfter(timedelta(seconds=CHECK_EVERY), payload=_CHECK)
         except Exception as e:  # noqa: BLE001 - reported to the registrar, which retries
             if isinstance(e, ShardLockHeld) and self.lock_wait_since is None:
                 self.lock_wait_since = now
@@ -767,7 +816,19 @@ class StockShard(ActorTypeDispatcher):
                     self.send(sender, ShardBatchResult(batch_id, encode_replies(part), shard_id))
             except Exception:  # that gateway times the batch out; its callers retry
                 log.exception("shard %s could not answer batch %d", shard_id, batch_id)
+        self._stop_if_superseded()
         self._arm()
+
+    def _stop_if_superseded(self) -> None:
+        """Another incarnation holds this shard's lock and this one served before: it was placed
+        anew (a registrar that thought it dead, or a leader restarted whose new registrar never
+        knew it) and the other serves. This one can commit nothing again: it stops, instead of
+        staying until its node stops. (A live registrar whose shard this still is places it anew.)"""
+        if self.exiting or self.core is None or not self.core.superseded:
+            return
+        self.exiting = True
+        log.warning("shard %s: another incarnation holds its lock; this one stops", self.core.cfg.shard_id)
+        self.send(self.myAddress, ActorExitRequest())
 
     def _flush_if_lost(self) -> None:
         """Flush the waiting batches if their merge window's wakeup was lost (Thespian TCP stall)."""
@@ -782,12 +843,22 @@ class StockShard(ActorTypeDispatcher):
         if msg.payload == _MERGE:
             self._flush_waiting()
             return
+        if msg.payload == _CHECK:
+            self.checking = False
+            if self.core is not None and self.loop is not None and not self.exiting:
+                self.loop.run_until_complete(self.core.check())
+                self._stop_if_superseded()
+                if not self.exiting:
+                    self.checking = True
+                    self.wakeupAfter(timedelta(seconds=CHECK_EVERY), payload=_CHECK)
+            return
         self._flush_if_lost()
         now = time.time()
         if now >= self.armed_at - 0.001:
             self.armed_at = 0.0
-        if self.core is not None and self.loop is not None:
+        if self.core is not None and self.loop is not None and not self.exiting:
             self.loop.run_until_complete(self.core.process([], now))
+        self._stop_if_superseded()
         self._arm()
 
     def receiveMsg_ActorExitRequest(self, msg: ActorExitRequest, sender: Any) -> None:
@@ -801,13 +872,16 @@ class StockShard(ActorTypeDispatcher):
             self.loop = None
 
     def _arm(self) -> None:
-        """Keep one wakeup pending for the earliest timer; re-arm only when it moves earlier."""
-        if self.core is None:
+        """Keep one wakeup pending for the earliest timer; re-arm only when it moves earlier.
+        While the shard waits to reconnect, not before it may try again (ShardCore.reconnect_at)."""
+        if self.core is None or self.exiting:
             return
         earliest = self.core.timers.earliest()
         if earliest is None:
             return
         now = time.time()
+        if self.core.reconnect_at and not self.core.store.healthy:
+            earliest = max(earliest, now + (self.core.reconnect_at - time.monotonic()))
         if self.armed_at and self.armed_at < now - 0.5:
             self.armed_at = 0.0  # that wakeup was lost (Thespian TCP stall): arm afresh
         granularity = self.core.cfg.timer_granularity

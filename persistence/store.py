@@ -471,6 +471,16 @@ class ShardStore:
                 self.conn.terminate()
         self.conn = None
 
+    def abandon(self) -> None:
+        """Drop the session without a goodbye (it is gone, or stalled: closing politely would wait)."""
+        if self.conn is not None and not self.conn.is_closed():
+            self.conn.terminate()
+        self.conn = None
+
+    async def ping(self, timeout: float) -> None:
+        """A round trip on the shard's own session (raises if the session is gone)."""
+        await self._c().fetchval("SELECT 1", timeout=timeout)
+
     @property
     def healthy(self) -> bool:
         return self.conn is not None and not self.conn.is_closed()

@@ -150,8 +150,10 @@ async def test_a_second_incarnation_of_a_shard_cannot_serve(db: asyncpg.Connecti
         assert "another process" in reply.message
         assert await db.fetchval("SELECT reserved FROM stocks WHERE organization_id=$1", o) == 0
         await first.stop()
+        await asyncio.sleep(0.2)  # (after a failed attempt, the next one waits 0.1 s: RECONNECT_MAX below)
         [reply] = await second.process([reserve(o, "r1", v, 1, 60)], time.time())
         assert isinstance(reply, ReservationResult)
+        assert not second.superseded  # it had never served: it waited for the lock
     finally:
         await first.stop()
         await second.stop()
@@ -173,13 +175,46 @@ async def test_an_incarnation_told_to_take_over_ends_the_holder_which_then_commi
         assert isinstance(made, ReservationResult)
         [refused] = await orphan.process([reserve(o, "r2", v, 1, 60)], time.time())
         assert isinstance(refused, Rejected) and refused.code == "unavailable", refused
-        [refused] = await orphan.process([reserve(o, "r3", v, 1, 60)], time.time())  # (reconnected: lock held)
-        assert isinstance(refused, Rejected) and "another process" in refused.message, refused
+        [refused] = await orphan.process([reserve(o, "r3", v, 1, 60)], time.time())
+        assert isinstance(refused, Rejected) and refused.code == "unavailable", refused
+        assert orphan.superseded  # it found the lock held when it reconnected
         lines = await db.fetch("SELECT reservation_id FROM reservation_lines WHERE organization_id=$1", o)
         assert [r[0] for r in lines] == ["r1"]
     finally:
         await orphan.stop()
         await new.stop()
+
+
+async def test_an_idle_orphan_learns_it_was_superseded_and_backs_off_instead_of_reconnecting_at_every_timer(
+        db: asyncpg.Connection) -> None:
+    """An orphan gets no batches (the gateways route to the new incarnation): its periodic check
+    finds its session ended and the lock held, and marks it superseded (its actor then stops it).
+    Until then, its overdue timers' wakeups must not each open a connection (20 ms apart)."""
+    orphan, new, waiting, o = core(2), core(2), core(2), org()
+    v = variant_in(o, 2)
+    try:
+        await receive(orphan, o, v, "w1", 5)
+        await orphan.check()
+        assert not orphan.superseded and orphan.connects == 1  # its session is there
+        await new.start(take_over=True)
+        # Its session is gone: a check drops it (if the connection did not notice by itself),
+        # and a check reconnecting finds the lock held.
+        for _ in range(2):
+            await orphan.check()
+        assert orphan.superseded and orphan.connects == 2
+        for _ in range(20):  # the wakeups of overdue timers, as the actor runs them
+            [refused] = await orphan.process([reserve(o, "r9", v, 1, 60)], time.time())
+            assert isinstance(refused, Rejected) and refused.code == "unavailable"
+        assert orphan.connects == 2  # backing off (RECONNECT_MAX): no attempt in between
+        # A new incarnation still waiting for the lock never served: it is not superseded.
+        with pytest.raises(store.ShardLockHeld):
+            await waiting.start()
+        [refused] = await waiting.process([reserve(o, "r8", v, 1, 60)], time.time())
+        assert isinstance(refused, Rejected) and not waiting.superseded
+        assert await db.fetchval("SELECT count(*) FROM reservation_lines WHERE organization_id = $1", o) == 0
+    finally:
+        for c in (orphan, new, waiting):
+            await c.stop()
 
 
 async def test_open_reservations_expire_after_a_restart(db: asyncpg.Connection) -> None:

@@ -154,8 +154,12 @@ class Cluster:
             assert time.monotonic() < deadline, f"placement {placed}, wanted every shard ready on {nodes}"
             await asyncio.sleep(0.3)
 
+    def pids_of(self, name: str) -> list[int]:
+        """The live processes of a node: its own and every actor's (they inherit its marker)."""
+        return [p for p, m in marked_pids(self.run).items() if m == f"{self.run}:{name}"]
+
     def kill_node(self, name: str) -> list[int]:
-        pids = [p for p, m in marked_pids(self.run).items() if m == f"{self.run}:{name}"]
+        pids = self.pids_of(name)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -464,7 +468,7 @@ async def test_a_leader_killed_and_started_again_serves_every_shard_again(cluste
     for name in ("a", "b"):
         cluster.start_node(name)
         await cluster.wait_ready(name)
-    await cluster.wait_placed({"a", "b"})
+    before = await cluster.wait_placed({"a", "b"})
     cluster.start_gateway()
     channel, clients = await serving(cluster)
     async with channel:
@@ -473,6 +477,9 @@ async def test_a_leader_killed_and_started_again_serves_every_shard_again(cluste
         variants = variants_for_every_shard(org, 1)
         for v in variants:
             await shop.receive(v, "north", 10)
+        on_b = sum(1 for node, _ in before if node == "b")
+        assert on_b, before
+        processes_of_b = len(cluster.pids_of("b")) - on_b  # the node without its shards
         assert cluster.kill_node("a")
         cluster.start_node("a")
         await cluster.wait_ready("a", timeout=120)
@@ -488,3 +495,12 @@ async def test_a_leader_killed_and_started_again_serves_every_shard_again(cluste
             assert time.monotonic() < deadline, f"shards of {sorted(pending)} do not serve again"
             await asyncio.sleep(0.5)
     assert (await check_consistency(org)) == {"active": len(variants)}
+    # The old incarnations on b, superseded, stop (their periodic check finds their session
+    # ended): b keeps only the shards the new registrar placed there. (Before: they stayed.)
+    after = await cluster.wait_placed({"a", "b"})
+    wanted = processes_of_b + sum(1 for node, _ in after if node == "b")
+    deadline = time.monotonic() + 30
+    while len(cluster.pids_of("b")) != wanted:
+        assert time.monotonic() < deadline, (len(cluster.pids_of("b")), wanted, after)
+        await asyncio.sleep(0.5)
+    assert "another incarnation holds its lock; this one stops" in (cluster.tmp / "b.log").read_text()
