@@ -237,11 +237,14 @@ class VariantNames:
                                min(settings.catalog_timeout_seconds, 2.0))
         return cls(client, cache, timeout=client.timeout)
 
-    async def of(self, organization_id: str, variant_id: str) -> tuple[str, str]:
+    async def of(self, organization_id: str, variant_id: str, deadline: float | None = None) -> tuple[str, str]:
+        """`deadline` (monotonic): the Catalog is asked only if a whole call fits before it (a
+        slow Catalog that never fails must not hold a batch of events either)."""
         cached = await self.cache.get(organization_id, variant_id)
         if cached is not None:
             return cached.sku, cached.product_name
-        if time.monotonic() < self._quiet_until:
+        now = time.monotonic()
+        if now < self._quiet_until or (deadline is not None and deadline - now < self.timeout):
             return "", ""
         try:
             info = await asyncio.wait_for(self.client.validate(organization_id, variant_id), self.timeout + 1.0)

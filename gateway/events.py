@@ -35,13 +35,14 @@ order) are handled one at a time in delivery order within a gateway.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol
 
 import aio_pika
@@ -248,7 +249,9 @@ def _time(text: str | None) -> datetime | None:
         at = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return at if at.tzinfo is not None else None
+    if at.tzinfo is None or not EARLIEST_TIME <= at <= LATEST_TIME:  # (Postgres refuses year 1 at +01:00)
+        return None
+    return at
 
 
 # ---------------------------------------------------------------- the handlers (calling the flows)
@@ -278,8 +281,9 @@ def _key(*parts: str) -> str:
     return text if len(text) <= flows.MAX_ID_LENGTH else "evt:" + hashlib.blake2b(text.encode(), digest_size=20).hexdigest()
 
 
-PURCHASE_LOCK_CLASS = 0x1A7E  # advisory locks (class, hashtext(org:purchase order)): one order at a time
 PURCHASES_AT_ONCE = 2
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)  # an `occurred_at` outside these is ignored
+LATEST_TIME = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 class EventHandlers:
@@ -461,12 +465,10 @@ class EventHandlers:
             if quantity > MAX_QUANTITY:
                 raise Malformed(f"data.items: total quantity of variant {variant} exceeds int32")
         try:
-            async with self._purchases, self.core.pool.acquire() as conn, conn.transaction():
-                # One purchase order at a time, across gateways too (within one the consumer's
-                # keyed locks do it): its ledger must not change between our read and its movement.
-                # A transaction-scoped lock: gone with the transaction, whatever happens.
-                await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", PURCHASE_LOCK_CLASS,
-                                   f"{org}:{d.purchase_order_id}")
+            # One purchase order at a time, across gateways too (within one the consumer's keyed
+            # locks do it): its ledger must not change between our read and its movement.
+            async with self._purchases, queries.purchase_order_lock(self.core.pool, org,
+                                                                     d.purchase_order_id) as conn:
                 for variant, quantity in sorted(merged.items()):
                     progress = await queries.purchase_progress(conn, org, d.purchase_order_id, variant,
                                                                d.warehouse_id)
@@ -476,13 +478,22 @@ class EventHandlers:
                         quantity -= min(progress.received_beyond, quantity)
                         if not quantity:
                             continue
-                    await flows.record_movement(
-                        self.core, org, variant, d.warehouse_id, kind, quantity,
+                    movement = functools.partial(
+                        flows.record_movement, self.core, org, variant, d.warehouse_id, kind, quantity,
                         reason=f"purchase order {d.purchase_order_id}", reference_id=d.purchase_order_id,
                         idempotency_key=_key(msg.event, key_id, variant),
                         # a receipt takes out of in_transit only what this order has there: not a
                         # transfer's units, nor another order's, when more arrives than was ordered
                         in_transit_limit=progress.in_transit if kind == "purchase_received" else -1)
+                    try:
+                        await movement()
+                    except FlowError as e:
+                        if e.code != "unavailable":
+                            raise
+                        # Maybe only its answer was lost (a reply timeout), and the shard commits it
+                        # later: asked again under the lock (the same key: a replay if it was made),
+                        # so the order's next message does not read its ledger without it.
+                        await movement()
                 # after the movements: a failure here retries the event, whose movements then replay
                 await queries.record_purchase(conn, org, d.purchase_order_id, d.warehouse_id, sorted(merged),
                                               d.supplier_id, msg.occurred_at, received=kind == "purchase_received")

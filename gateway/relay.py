@@ -67,6 +67,7 @@ STANDBY_SECONDS = 1.0  # how often a standby relay tries to become the active on
 MAX_BACKOFF = 2.0
 OUTBOX_RETENTION_SECONDS = 7 * 24 * 3600.0  # published rows kept this long
 PRUNE_EVERY_SECONDS = 3600.0
+NAMES_BUDGET = 3.0  # seconds a batch may spend asking the Catalog for variant names (VariantNames)
 
 
 class BrokerDown(Exception):
@@ -108,6 +109,7 @@ class OutboxRelay:
         self._db: asyncpg.Connection | None = None
         self._names: VariantNames | None = None
         self._names_built = False
+        self._names_deadline = 0.0
         self._last_prune = time.monotonic()  # the first prune an hour after start
 
     # ------------------------------------------------------------ lifecycle
@@ -298,6 +300,7 @@ class OutboxRelay:
         assert self._db is not None
         out = list(rows)
         found: dict[tuple[str, ...], Any] = {}
+        self._names_deadline = time.monotonic() + NAMES_BUDGET
 
         async def once(lookup: Callable[..., Awaitable[Any]], *key: str) -> Any:
             if (lookup.__name__, *key) not in found:
@@ -339,7 +342,7 @@ class OutboxRelay:
                 "relay-redis", self.settings.breaker_failure_threshold, self.settings.breaker_cooldown_seconds))
         if self._names is None:
             return "", ""
-        return await self._names.of(org, variant)
+        return await self._names.of(org, variant, self._names_deadline)
 
     async def _maybe_prune(self) -> None:
         """Published rows are kept OUTBOX_RETENTION_SECONDS (to look into), then deleted by the active relay."""

@@ -6,6 +6,8 @@ filters by organization_id, so one organization can never see another's rows.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -101,6 +103,30 @@ async def reservation_lines(pool: asyncpg.Pool, organization_id: str, reservatio
         "SELECT variant_id, warehouse_id, quantity, status FROM reservation_lines"
         " WHERE organization_id = $1 AND reservation_id = $2", organization_id, reservation_id)
     return [LineRow(*r) for r in rows]
+
+
+PURCHASE_LOCK_NAMESPACE = 0x1A7F  # pg_advisory_lock(namespace, hashtext(org:purchase order)); shards: 0x1A7E
+
+
+@asynccontextmanager
+async def purchase_order_lock(pool: asyncpg.Pool, organization_id: str,
+                              purchase_order_id: str) -> AsyncIterator[asyncpg.Connection]:
+    """One purchase order at a time, across gateways: a session lock on a pooled connection,
+    held while the caller reads the order's ledger and makes its movements. A session lock,
+    not a transaction's: an open transaction would hold its reads' table locks while the
+    caller waits for shards (a migration's DDL would queue behind them, and every shard's
+    writes behind the DDL). The lock always goes: unlocked, or its session ended."""
+    async with pool.acquire() as conn:
+        key = f"{organization_id}:{purchase_order_id}"
+        await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", PURCHASE_LOCK_NAMESPACE, key)
+        try:
+            yield conn
+        finally:
+            try:
+                await conn.execute("SELECT pg_advisory_unlock($1, hashtext($2))", PURCHASE_LOCK_NAMESPACE, key)
+            except BaseException:
+                conn.terminate()  # (the pool replaces it): never back in the pool with the lock
+                raise
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from persistence import outbox, session
 
 log = logging.getLogger("inventory.store")
 
-SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id)
+SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id); purchase orders: queries.PURCHASE_LOCK_NAMESPACE
 
 # The shard's session plans every prepared statement once (a generic plan) and only as
 # index lookups. By default Postgres plans a statement afresh at every execution while a

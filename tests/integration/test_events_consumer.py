@@ -246,6 +246,7 @@ def test_occurred_at_is_read_when_it_is_a_time_with_a_zone_and_ignored_otherwise
     assert at("2026-11-08T12:00:00+02:00") == datetime(2026, 11, 8, 10, tzinfo=UTC)
     assert at("2026-11-08T10:00:00") is None and at("yesterday") is None and at("") is None  # no zone, no time
     assert at(None) is None
+    assert at("0001-01-01T00:00:00+01:00") is None  # (out of Postgres's range in UTC: ignored, not a failure)
 
 
 def test_a_message_id_with_nul_is_malformed_when_it_is_the_dedupe_key() -> None:

@@ -327,6 +327,46 @@ async def test_a_catalog_that_does_not_answer_is_not_waited_on_for_every_low_lev
     assert catalog.double.calls <= 3  # the first variant's call (with its retries), then none for 30 s
 
 
+async def test_a_slow_catalog_is_asked_only_while_the_batch_s_time_for_names_lasts(
+        pool: asyncpg.Pool, tap: Tap, prefix: str) -> None:
+    """A Catalog that answers, slowly, never opens the quiet period: asked for every variant, 500
+    rows would hold every event (stock.updated too) for minutes. NAMES_BUDGET bounds it."""
+    from catalog_double import catalog_double
+
+    org = str(uuid.uuid4())
+    async with catalog_double() as catalog:
+        variants = [f"v{i}" for i in range(10)]
+        for v in variants:
+            catalog.double.add(org, v, sku=f"SKU-{v}", product_name=f"Product {v}")
+        catalog.double.delay = 0.6  # each call; the relay's call timeout is 2 s, its budget 3 s per batch
+        relay = relay_for(prefix, catalog_host="127.0.0.1", catalog_port=catalog.port)
+        await write_thresholds(pool, org, "low_level", variants)
+        relay.start()
+        try:
+            await until(lambda: _async(len(tap.events(org)) == 10), timeout=20, what="10 low_level events")
+        finally:
+            await relay.stop()
+    named = [e["data"]["sku"] for e in tap.events(org) if e["data"]["sku"]]
+    assert 1 <= catalog.double.calls <= 2 and len(named) == catalog.double.calls, (catalog.double.calls, named)
+
+
+async def test_the_purchase_order_lock_is_not_a_shard_s_lock(pool: asyncpg.Pool) -> None:
+    """Both are advisory locks of two keys; a purchase order whose hash equals a shard id must not
+    wait for the shard that holds its lock for as long as it serves (it did: same namespace)."""
+    from persistence import queries, store
+
+    holder = await asyncpg.connect(DSN)
+    try:
+        shard = await holder.fetchval("SELECT hashtext('acme:po-933500334')")
+        assert shard == 2  # a purchase order id found to hash to shard 2's lock id
+        assert await holder.fetchval("SELECT pg_try_advisory_lock($1, $2)", store.SHARD_LOCK_NAMESPACE, shard)
+        async with asyncio.timeout(5):
+            async with queries.purchase_order_lock(pool, "acme", "po-933500334") as conn:
+                assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await holder.close()
+
+
 async def test_reorder_needed_gets_the_last_supplier_and_the_average_lead_time_from_the_purchase_history(
         pool: asyncpg.Pool, tap: Tap, prefix: str) -> None:
     from datetime import UTC, datetime, timedelta
