@@ -277,6 +277,7 @@ class ShardCore:
         self.connects += 1
         await self.store.connect(take_over)
         self.served = True
+        self.superseded = False
         self.reconnect_at, self._reconnect_backoff = 0.0, 0.0
         self.residents.clear()
         self.timers = TimerHeap(self.residents)
@@ -318,9 +319,12 @@ class ShardCore:
     async def stop(self) -> None:
         await self.store.close()
 
-    async def check(self) -> None:
+    async def check(self, reconnect: bool = True) -> None:
         """The periodic check of an idle shard: is its session (and so its lock) still there?
-        An orphan, whose session a new incarnation ended, learns it here and is `superseded`."""
+        An orphan, whose session a new incarnation ended, learns it here and is `superseded`.
+        `reconnect=False` (no registrar has asked after it lately): it only looks whether another
+        copy holds the lock, and does not take a free one (a batch will, if one comes): an orphan
+        must not win the lock from the shard its registrar placed, when that one's session drops."""
         if self.store.healthy:
             try:
                 await self.store.ping(PING_TIMEOUT)
@@ -329,7 +333,10 @@ class ShardCore:
                 self.store.abandon()
         elif self.served:
             try:
-                await self.ensure_started()
+                if reconnect:
+                    await self.ensure_started()
+                elif await self.store.held_by_another():
+                    self.superseded = True
             except Exception as e:  # noqa: BLE001 - Postgres down or the lock taken: see `superseded`
                 log.debug("shard %s check: %s", self.cfg.shard_id, e)
 
@@ -648,6 +655,7 @@ _CHECK = "check"  # the payload of the periodic check of the shard's session (CH
 TAKE_OVER_AFTER = 10.0
 RECONNECT_MAX = 2.0  # seconds between attempts to reconnect at most
 CHECK_EVERY = 5.0  # seconds between an idle shard's checks of its Postgres session (ShardCore.check)
+ORPHAN_AFTER = 10.0  # seconds without a registrar's message after which a superseded shard stops
 PING_TIMEOUT = 2.0  # below the registrar's DEAD_AFTER: a check never makes a live shard look dead
 REPLAY_MEMORY = 600.0  # seconds a replay refuses the aborts of its reservation (see ShardCore._refused_abort)
 _SEVERAL_FOR = 1.0  # seconds a gateway counts as sending work after its last non-empty batch
@@ -683,8 +691,9 @@ class StockShard(ActorTypeDispatcher):
         self.merged_batches = 0
         self.listener: Listener | None = None  # the batch path's socket (actors/datapath.py)
         self.lock_wait_since: float | None = None  # since when ShardConfigure finds the lock held
-        self.checking = False  # a _CHECK wakeup is pending
+        self.checking = 0.0  # (monotonic) when the pending _CHECK wakeup is due; 0: none
         self.exiting = False
+        self.registrar_seen = time.monotonic()  # a registrar's last message (configure, status request)
 
     def receiveMessage(self, message: Any, sender: Any) -> Any:
         """Every message is dispatched as usual; afterwards (also after a failure) Thespian
@@ -714,13 +723,19 @@ class StockShard(ActorTypeDispatcher):
                                    data_address=self.listener.address if self.listener else "")
 
     def receiveMsg_ShardConfigure(self, msg: ShardConfigure, sender: Any) -> None:
+        if self.exiting:
+            return  # (it stops: its registrar places the shard anew)
+        self.registrar_seen = time.monotonic()
         gc.set_threshold(50_000, 50, 100)
         if self.loop is None:
             # uvloop: asyncpg's socket I/O on the stdlib loop was a fifth of this process's CPU
             self.loop = _new_event_loop()
-        if self.core is not None:
-            self.loop.run_until_complete(self.core.stop())
+        previous = self.core
+        if previous is not None:
+            self.loop.run_until_complete(previous.stop())
         self.core = ShardCore(msg)
+        if previous is not None:  # its own stale session, if Postgres kept one, is not another copy's
+            self.core.store.last_session = previous.store.last_session
         now = time.monotonic()
         take_over = self.lock_wait_since is not None and now - self.lock_wait_since >= TAKE_OVER_AFTER
         try:
@@ -728,9 +743,7 @@ class StockShard(ActorTypeDispatcher):
             self.lock_wait_since = None
             self._listen()
             self.send(sender, self._status())
-            if not self.checking:
-                self.checking = True
-                self.wakeupAfter(timedelta(seconds=CHECK_EVERY), payload=_CHECK)
+            self._keep_checking()
         except Exception as e:  # noqa: BLE001 - reported to the registrar, which retries
             if isinstance(e, ShardLockHeld) and self.lock_wait_since is None:
                 self.lock_wait_since = now
@@ -797,7 +810,7 @@ class StockShard(ActorTypeDispatcher):
         if with_work > 1:
             self.merged_batches += with_work
         try:
-            if self.core is None or self.loop is None:
+            if self.core is None or self.loop is None or self.exiting:
                 replies: list[Reply] = [Rejected("unavailable", "shard not configured")] * len(commands)
             else:
                 replies = self.loop.run_until_complete(self.core.process(commands, time.time()))
@@ -820,14 +833,19 @@ class StockShard(ActorTypeDispatcher):
         self._arm()
 
     def _stop_if_superseded(self) -> None:
-        """Another incarnation holds this shard's lock and this one served before: it was placed
-        anew (a registrar that thought it dead, or a leader restarted whose new registrar never
-        knew it) and the other serves. This one can commit nothing again: it stops, instead of
-        staying until its node stops. (A live registrar whose shard this still is places it anew.)"""
+        """An orphan stops: another incarnation holds this shard's lock, this one served before
+        (it is not waiting for its turn), and no registrar has asked after it for ORPHAN_AFTER (a
+        leader restarted, whose new registrar placed the shard anew and never knew this one). It
+        could commit nothing again and would stay until its node stops. A shard its registrar
+        still asks after does not stop: it reports not ready, and its registrar configures it
+        again (TAKE_OVER_AFTER)."""
         if self.exiting or self.core is None or not self.core.superseded:
             return
+        if time.monotonic() - self.registrar_seen < ORPHAN_AFTER:
+            return
         self.exiting = True
-        log.warning("shard %s: another incarnation holds its lock; this one stops", self.core.cfg.shard_id)
+        log.warning("shard %s: another incarnation holds its lock and no registrar knows this one; it stops",
+                    self.core.cfg.shard_id)
         self.send(self.myAddress, ActorExitRequest())
 
     def _flush_if_lost(self) -> None:
@@ -836,21 +854,31 @@ class StockShard(ActorTypeDispatcher):
             self._flush_waiting()
 
     def receiveMsg_ShardStatusRequest(self, msg: ShardStatusRequest, sender: Any) -> None:
+        self.registrar_seen = time.monotonic()
         self._flush_if_lost()
         self.send(sender, self._status())
+        self._keep_checking()
+
+    def _keep_checking(self) -> None:
+        """One _CHECK wakeup pending while the shard has served; armed again if it was lost."""
+        if self.exiting or self.core is None or not self.core.served:
+            return
+        now = time.monotonic()
+        if not self.checking or now > self.checking + CHECK_EVERY:
+            self.checking = now + CHECK_EVERY
+            self.wakeupAfter(timedelta(seconds=CHECK_EVERY), payload=_CHECK)
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: Any) -> None:
         if msg.payload == _MERGE:
             self._flush_waiting()
             return
         if msg.payload == _CHECK:
-            self.checking = False
+            self.checking = 0.0
             if self.core is not None and self.loop is not None and not self.exiting:
-                self.loop.run_until_complete(self.core.check())
+                orphaned = time.monotonic() - self.registrar_seen >= ORPHAN_AFTER
+                self.loop.run_until_complete(self.core.check(reconnect=not orphaned))
                 self._stop_if_superseded()
-                if not self.exiting:
-                    self.checking = True
-                    self.wakeupAfter(timedelta(seconds=CHECK_EVERY), payload=_CHECK)
+                self._keep_checking()
             return
         self._flush_if_lost()
         now = time.time()

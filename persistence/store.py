@@ -58,6 +58,8 @@ from persistence import outbox, session
 log = logging.getLogger("inventory.store")
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id); purchase orders: queries.PURCHASE_LOCK_NAMESPACE
+_LOCK_HOLDERS = ("SELECT pid, application_name, backend_start FROM pg_locks JOIN pg_stat_activity USING (pid)"
+                 " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted")
 
 # The shard's session plans every prepared statement once (a generic plan) and only as
 # index lookups. By default Postgres plans a statement afresh at every execution while a
@@ -425,6 +427,7 @@ class ShardStore:
         self.lock_id = shard_id if lock_id is None else lock_id
         self.shard_count = shard_count
         self.conn: asyncpg.Connection | None = None
+        self.last_session: tuple[int, datetime] | None = None  # (pid, backend_start) of its latest session
 
     async def connect(self, take_over: bool = False) -> None:
         """Connect and take this shard's lock; raises ShardLockHeld if another copy serves.
@@ -441,19 +444,36 @@ class ShardStore:
                                      timeout=self.command_timeout,
                                      server_settings=session.settings(self.dsn, name, **_SHARD_SESSION))
         got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
-        if not got and take_over:
-            got = await self._take_over(conn)
+        if not got and (take_over or self.last_session):
+            # take_over: from whoever holds it; else from this copy's own previous session only
+            # (a stale backend Postgres keeps after a network blip or a ping that timed out)
+            got = await self._take_over(conn, None if take_over else self.last_session)
         if not got:
             await conn.close()
             raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
         self.conn = conn
+        self.last_session = tuple(await conn.fetchrow(  # type: ignore[assignment]
+            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"))
 
-    async def _take_over(self, conn: asyncpg.Connection) -> bool:
-        holders = await conn.fetch(
-            "SELECT pid, application_name FROM pg_locks JOIN pg_stat_activity USING (pid)"
-            " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted",
-            SHARD_LOCK_NAMESPACE, self.lock_id)
-        for pid, name in holders:
+    async def held_by_another(self) -> bool:
+        """Whether a session other than this copy's latest holds its lock (on a connection of its
+        own, closed at once; the lock is not taken)."""
+        conn = await asyncpg.connect(self.dsn, timeout=self.command_timeout, command_timeout=self.command_timeout,
+                                     server_settings=session.settings(self.dsn, f"inventory-shard-{self.shard_id}-check"))
+        try:
+            holders = await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id)
+        finally:
+            await conn.close()
+        return any((h[0], h[2]) != self.last_session for h in holders)
+
+    async def _take_over(self, conn: asyncpg.Connection, only: tuple[int, datetime] | None = None) -> bool:
+        """End the holders' sessions (`only`: if the holder is that session, (pid, backend_start))."""
+        holders = await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id)
+        if only is not None:
+            holders = [h for h in holders if (h[0], h[2]) == only]
+            if not holders:
+                return False  # another copy's: not ours to end
+        for pid, name, _ in holders:
             log.warning("shard %s: ending the Postgres session %d (%s) that has held its lock too long",
                         self.shard_id, pid, name)
             await conn.fetchval("SELECT pg_terminate_backend($1)", pid)

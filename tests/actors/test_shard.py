@@ -217,6 +217,48 @@ async def test_an_idle_orphan_learns_it_was_superseded_and_backs_off_instead_of_
             await c.stop()
 
 
+async def test_a_shard_whose_own_old_session_still_holds_its_lock_ends_it_and_serves_on(
+        db: asyncpg.Connection) -> None:
+    """A network blip (or a ping that timed out): the shard dropped its session, Postgres kept the
+    backend and the lock. That holder is not another copy: the shard ends it and serves at once
+    (it used to wait for its registrar's reconfigure and TAKE_OVER_AFTER; since e5a1438 it took
+    itself for superseded)."""
+    c, o = core(2), org()
+    v = variant_in(o, 2)
+    try:
+        await receive(c, o, v, "w1", 5)
+        stale, c.store.conn = c.store.conn, None  # the shard lost it; the session lives on
+        assert stale is not None and not stale.is_closed()
+        [made] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(made, ReservationResult), made
+        assert not c.superseded and c.connects == 2
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await stale.fetchval("SELECT 1")  # ended
+    finally:
+        await c.stop()
+
+
+async def test_an_orphan_without_a_registrar_looks_at_the_lock_but_never_takes_it(db: asyncpg.Connection) -> None:
+    """When the placed shard's session drops, an orphan reconnecting first would win the lock and
+    the placed one would wait TAKE_OVER_AFTER; `check(reconnect=False)` only looks."""
+    orphan, placed, o = core(2), core(2), org()
+    v = variant_in(o, 2)
+    try:
+        await receive(orphan, o, v, "w1", 5)
+        await placed.start(take_over=True)
+        await placed.stop()  # its session drops: the lock is free
+        for _ in range(2):
+            await orphan.check(reconnect=False)
+        assert not orphan.superseded and not orphan.store.healthy and orphan.connects == 1  # free, not taken
+        [made] = await placed.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(made, ReservationResult), made
+        await orphan.check(reconnect=False)
+        assert orphan.superseded and orphan.connects == 1
+    finally:
+        await orphan.stop()
+        await placed.stop()
+
+
 async def test_open_reservations_expire_after_a_restart(db: asyncpg.Connection) -> None:
     c, o = core(), org()
     v = variant_in(o, 0)
