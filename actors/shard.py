@@ -88,6 +88,7 @@ from persistence.store import (
     ShardLockHeld,
     ShardStore,
     StaleVersion,
+    Superseded,
     Unseen,
     build_write,
 )
@@ -263,7 +264,8 @@ class ShardCore:
         self._next_passivation = 0.0
         self._loaded_since_freeze = 0
         self.served = False  # started once: holds (or held) the lock
-        self.superseded = False  # found its lock held by another incarnation after it served
+        self.epoch: int | None = None  # this copy's epoch, once started (ShardStore.connect)
+        self.superseded = False  # a newer copy has started since this one (ShardStore.Superseded)
         self.connects = 0  # attempts to connect and take the lock
         self.reconnect_at = 0.0  # (monotonic) no new attempt before this, after one failed
         self._reconnect_backoff = 0.0
@@ -275,9 +277,8 @@ class ShardCore:
         re-arm the timers of the open reservations due within the timer horizon (later ones are
         armed as the horizon moves on: see `_arm_next_window`)."""
         self.connects += 1
-        await self.store.connect(take_over)
+        self.epoch = await self.store.connect(take_over, self.epoch)
         self.served = True
-        self.superseded = False
         self.reconnect_at, self._reconnect_backoff = 0.0, 0.0
         self.residents.clear()
         self.timers = TimerHeap(self.residents)
@@ -301,7 +302,7 @@ class ShardCore:
         """Connected, with the lock, and the timers of the next window armed. Reconnecting after
         a failure backs off (up to RECONNECT_MAX seconds), so a shard whose Postgres is down, or
         whose lock another incarnation holds, does not open a connection at every overdue timer's
-        wakeup. Finding the lock taken after it served marks it `superseded` (its actor stops it)."""
+        wakeup. Finding that a newer copy has started marks it `superseded` (its actor stops it)."""
         if not self.store.healthy:
             if time.monotonic() < self.reconnect_at:
                 raise Reconnecting(f"shard {self.cfg.shard_id} is reconnecting to Postgres")
@@ -310,7 +311,7 @@ class ShardCore:
             except BaseException as e:
                 self._reconnect_backoff = min(max(self._reconnect_backoff * 2, 0.1), RECONNECT_MAX)
                 self.reconnect_at = time.monotonic() + self._reconnect_backoff
-                if isinstance(e, ShardLockHeld) and self.served:
+                if isinstance(e, Superseded):
                     self.superseded = True
                 raise
         elif now is not None and now + self.cfg.timer_horizon / 2 >= self.armed_until:
@@ -319,12 +320,10 @@ class ShardCore:
     async def stop(self) -> None:
         await self.store.close()
 
-    async def check(self, reconnect: bool = True) -> None:
+    async def check(self) -> None:
         """The periodic check of an idle shard: is its session (and so its lock) still there?
-        An orphan, whose session a new incarnation ended, learns it here and is `superseded`.
-        `reconnect=False` (no registrar has asked after it lately): it only looks whether another
-        copy holds the lock, and does not take a free one (a batch will, if one comes): an orphan
-        must not win the lock from the shard its registrar placed, when that one's session drops."""
+        An orphan, whose session a new incarnation ended, learns it here (reconnecting, it finds
+        a newer epoch) and is `superseded`."""
         if self.store.healthy:
             try:
                 await self.store.ping(PING_TIMEOUT)
@@ -333,10 +332,7 @@ class ShardCore:
                 self.store.abandon()
         elif self.served:
             try:
-                if reconnect:
-                    await self.ensure_started()
-                elif await self.store.held_by_another():
-                    self.superseded = True
+                await self.ensure_started()
             except Exception as e:  # noqa: BLE001 - Postgres down or the lock taken: see `superseded`
                 log.debug("shard %s check: %s", self.cfg.shard_id, e)
 
@@ -655,7 +651,6 @@ _CHECK = "check"  # the payload of the periodic check of the shard's session (CH
 TAKE_OVER_AFTER = 10.0
 RECONNECT_MAX = 2.0  # seconds between attempts to reconnect at most
 CHECK_EVERY = 5.0  # seconds between an idle shard's checks of its Postgres session (ShardCore.check)
-ORPHAN_AFTER = 10.0  # seconds without a registrar's message after which a superseded shard stops
 PING_TIMEOUT = 2.0  # below the registrar's DEAD_AFTER: a check never makes a live shard look dead
 REPLAY_MEMORY = 600.0  # seconds a replay refuses the aborts of its reservation (see ShardCore._refused_abort)
 _SEVERAL_FOR = 1.0  # seconds a gateway counts as sending work after its last non-empty batch
@@ -693,7 +688,6 @@ class StockShard(ActorTypeDispatcher):
         self.lock_wait_since: float | None = None  # since when ShardConfigure finds the lock held
         self.checking = 0.0  # (monotonic) when the pending _CHECK wakeup is due; 0: none
         self.exiting = False
-        self.registrar_seen = time.monotonic()  # a registrar's last message (configure, status request)
 
     def receiveMessage(self, message: Any, sender: Any) -> Any:
         """Every message is dispatched as usual; afterwards (also after a failure) Thespian
@@ -725,7 +719,6 @@ class StockShard(ActorTypeDispatcher):
     def receiveMsg_ShardConfigure(self, msg: ShardConfigure, sender: Any) -> None:
         if self.exiting:
             return  # (it stops: its registrar places the shard anew)
-        self.registrar_seen = time.monotonic()
         gc.set_threshold(50_000, 50, 100)
         if self.loop is None:
             # uvloop: asyncpg's socket I/O on the stdlib loop was a fifth of this process's CPU
@@ -734,8 +727,10 @@ class StockShard(ActorTypeDispatcher):
         if previous is not None:
             self.loop.run_until_complete(previous.stop())
         self.core = ShardCore(msg)
-        if previous is not None:  # its own stale session, if Postgres kept one, is not another copy's
-            self.core.store.last_session = previous.store.last_session
+        if previous is not None and not previous.superseded:
+            # configured again (it reported not ready): the same copy, with its epoch, so a stale
+            # holder of the lock (its own old session, kept by Postgres) is ended at once
+            self.core.epoch = previous.epoch
         now = time.monotonic()
         take_over = self.lock_wait_since is not None and now - self.lock_wait_since >= TAKE_OVER_AFTER
         try:
@@ -833,19 +828,14 @@ class StockShard(ActorTypeDispatcher):
         self._arm()
 
     def _stop_if_superseded(self) -> None:
-        """An orphan stops: another incarnation holds this shard's lock, this one served before
-        (it is not waiting for its turn), and no registrar has asked after it for ORPHAN_AFTER (a
-        leader restarted, whose new registrar placed the shard anew and never knew this one). It
-        could commit nothing again and would stay until its node stops. A shard its registrar
-        still asks after does not stop: it reports not ready, and its registrar configures it
-        again (TAKE_OVER_AFTER)."""
+        """A newer copy of this shard has started since this one (its epoch moved on): this one
+        was placed anew (a registrar that thought it dead, or a leader restarted whose new
+        registrar never knew it). It can commit nothing again, and would stay until its node
+        stops: it stops. (A registrar places a new copy only where its slot no longer points here.)"""
         if self.exiting or self.core is None or not self.core.superseded:
             return
-        if time.monotonic() - self.registrar_seen < ORPHAN_AFTER:
-            return
         self.exiting = True
-        log.warning("shard %s: another incarnation holds its lock and no registrar knows this one; it stops",
-                    self.core.cfg.shard_id)
+        log.warning("shard %s: a newer copy has started; this one stops", self.core.cfg.shard_id)
         self.send(self.myAddress, ActorExitRequest())
 
     def _flush_if_lost(self) -> None:
@@ -854,7 +844,6 @@ class StockShard(ActorTypeDispatcher):
             self._flush_waiting()
 
     def receiveMsg_ShardStatusRequest(self, msg: ShardStatusRequest, sender: Any) -> None:
-        self.registrar_seen = time.monotonic()
         self._flush_if_lost()
         self.send(sender, self._status())
         self._keep_checking()
@@ -875,8 +864,7 @@ class StockShard(ActorTypeDispatcher):
         if msg.payload == _CHECK:
             self.checking = 0.0
             if self.core is not None and self.loop is not None and not self.exiting:
-                orphaned = time.monotonic() - self.registrar_seen >= ORPHAN_AFTER
-                self.loop.run_until_complete(self.core.check(reconnect=not orphaned))
+                self.loop.run_until_complete(self.core.check())
                 self._stop_if_superseded()
                 self._keep_checking()
             return

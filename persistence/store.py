@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,7 +59,7 @@ from persistence import outbox, session
 log = logging.getLogger("inventory.store")
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id); purchase orders: queries.PURCHASE_LOCK_NAMESPACE
-_LOCK_HOLDERS = ("SELECT pid, application_name, backend_start FROM pg_locks JOIN pg_stat_activity USING (pid)"
+_LOCK_HOLDERS = ("SELECT pid, application_name FROM pg_locks JOIN pg_stat_activity USING (pid)"
                  " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted")
 
 # The shard's session plans every prepared statement once (a generic plan) and only as
@@ -91,6 +92,13 @@ _DUE_PLANNING = set_planning({**POSTGRES_PLANNING, "plan_cache_mode": "force_cus
 
 class ShardLockHeld(Exception):
     """Another incarnation of this shard holds its lock: this one must not serve."""
+
+
+class Superseded(ShardLockHeld):
+    """A newer incarnation of this shard has started since this one: this one must stop."""
+
+
+RECONNECT_TAKE_OVER_WAIT = 1.5  # seconds a reconnecting shard waits for a stale holder's session to end
 
 
 class StaleVersion(Exception):
@@ -427,13 +435,20 @@ class ShardStore:
         self.lock_id = shard_id if lock_id is None else lock_id
         self.shard_count = shard_count
         self.conn: asyncpg.Connection | None = None
-        self.last_session: tuple[int, datetime] | None = None  # (pid, backend_start) of its latest session
 
-    async def connect(self, take_over: bool = False) -> None:
-        """Connect and take this shard's lock; raises ShardLockHeld if another copy serves.
+    async def connect(self, take_over: bool = False, epoch: int | None = None) -> int:
+        """Connect and take this shard's lock; returns this copy's epoch. Raises ShardLockHeld if
+        another copy serves, Superseded if a newer copy started since this one (`epoch`).
 
-        `take_over`: end the Postgres session of the copy holding the lock first. The shard's
-        actor asks for it only after waiting TAKE_OVER_AFTER for the lock (ShardActor): the
+        Epochs (migration 010): a copy that starts anew (`epoch` None) takes the next epoch of
+        the shard once it holds the lock; a copy reconnecting (its `epoch`) serves on only while
+        the shard's epoch is still its own. So when this copy is still the newest, whoever holds
+        the lock is stale (its own old session, which Postgres kept after a blip, or an older
+        copy that took a free lock): it ends that session at once; when it is not, it stops
+        (ShardCore.superseded), even if the lock is free.
+
+        `take_over` (a copy starting anew): end the Postgres session of the copy holding the lock
+        first. The shard's actor asks for it only after waiting TAKE_OVER_AFTER for the lock: the
         holder is then an orphan (its registrar died: a leader restarted) or stuck. Ending its
         session is what fencing allows: without the lock it can commit nothing again."""
         await self.close()
@@ -443,45 +458,42 @@ class ShardStore:
         conn = await asyncpg.connect(self.dsn, statement_cache_size=256, command_timeout=self.command_timeout,
                                      timeout=self.command_timeout,
                                      server_settings=session.settings(self.dsn, name, **_SHARD_SESSION))
-        got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
-        if not got and (take_over or self.last_session):
-            # take_over: from whoever holds it; else from this copy's own previous session only
-            # (a stale backend Postgres keeps after a network blip or a ping that timed out)
-            got = await self._take_over(conn, None if take_over else self.last_session)
-        if not got:
-            await conn.close()
-            raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
-        self.conn = conn
-        self.last_session = tuple(await conn.fetchrow(  # type: ignore[assignment]
-            "SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()"))
-
-    async def held_by_another(self) -> bool:
-        """Whether a session other than this copy's latest holds its lock (on a connection of its
-        own, closed at once; the lock is not taken)."""
-        conn = await asyncpg.connect(self.dsn, timeout=self.command_timeout, command_timeout=self.command_timeout,
-                                     server_settings=session.settings(self.dsn, f"inventory-shard-{self.shard_id}-check"))
         try:
-            holders = await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id)
-        finally:
-            await conn.close()
-        return any((h[0], h[2]) != self.last_session for h in holders)
+            if epoch is not None and await self._epoch(conn) != epoch:
+                raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {epoch})")
+            got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
+            if not got and (take_over or epoch is not None):
+                got = await self._take_over(conn, RECONNECT_TAKE_OVER_WAIT if epoch is not None else 5.0)
+            if not got:
+                raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
+            if epoch is None:
+                epoch = int(await conn.fetchval(
+                    "INSERT INTO shard_epochs (lock_id, epoch) VALUES ($1, 1) ON CONFLICT (lock_id)"
+                    " DO UPDATE SET epoch = shard_epochs.epoch + 1 RETURNING epoch", self.lock_id))
+            elif await self._epoch(conn) != epoch:  # (a newer copy came and went between the two reads)
+                raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {epoch})")
+        except BaseException:
+            conn.terminate()  # (and with it the lock, if taken)
+            raise
+        self.conn = conn
+        return epoch
 
-    async def _take_over(self, conn: asyncpg.Connection, only: tuple[int, datetime] | None = None) -> bool:
-        """End the holders' sessions (`only`: if the holder is that session, (pid, backend_start))."""
-        holders = await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id)
-        if only is not None:
-            holders = [h for h in holders if (h[0], h[2]) == only]
-            if not holders:
-                return False  # another copy's: not ours to end
-        for pid, name, _ in holders:
-            log.warning("shard %s: ending the Postgres session %d (%s) that has held its lock too long",
-                        self.shard_id, pid, name)
+    async def _epoch(self, conn: asyncpg.Connection) -> int:
+        return int(await conn.fetchval("SELECT coalesce(max(epoch), 0) FROM shard_epochs WHERE lock_id = $1",
+                                       self.lock_id))
+
+    async def _take_over(self, conn: asyncpg.Connection, wait: float) -> bool:
+        """End the sessions holding the lock, and take it (trying for up to `wait` seconds)."""
+        for pid, name in await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id):
+            log.warning("shard %s: ending the Postgres session %d (%s) that holds its lock", self.shard_id, pid, name)
             await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
-        for _ in range(50):  # (the session ends, and its locks go, a moment after the signal)
+        deadline = time.monotonic() + wait
+        while True:  # (the session ends, and its locks go, a moment after the signal)
             if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id):
                 return True
+            if time.monotonic() >= deadline:
+                return False
             await asyncio.sleep(0.1)
-        return False
 
     async def close(self) -> None:
         if self.conn is not None and not self.conn.is_closed():

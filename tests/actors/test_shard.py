@@ -238,22 +238,25 @@ async def test_a_shard_whose_own_old_session_still_holds_its_lock_ends_it_and_se
         await c.stop()
 
 
-async def test_an_orphan_without_a_registrar_looks_at_the_lock_but_never_takes_it(db: asyncpg.Connection) -> None:
-    """When the placed shard's session drops, an orphan reconnecting first would win the lock and
-    the placed one would wait TAKE_OVER_AFTER; `check(reconnect=False)` only looks."""
+async def test_an_orphan_never_takes_a_free_lock_from_the_newer_copy(db: asyncpg.Connection) -> None:
+    """When the newer copy's session drops, the lock is free for a moment: an orphan reconnecting
+    then must not take it (the newer copy would wait TAKE_OVER_AFTER): it finds the shard's epoch
+    moved on, and stops."""
     orphan, placed, o = core(2), core(2), org()
     v = variant_in(o, 2)
     try:
         await receive(orphan, o, v, "w1", 5)
         await placed.start(take_over=True)
+        assert placed.epoch == orphan.epoch + 1  # type: ignore[operator]
         await placed.stop()  # its session drops: the lock is free
         for _ in range(2):
-            await orphan.check(reconnect=False)
-        assert not orphan.superseded and not orphan.store.healthy and orphan.connects == 1  # free, not taken
-        [made] = await placed.process([reserve(o, "r1", v, 1, 60)], time.time())
+            await orphan.check()
+        assert orphan.superseded and not orphan.store.healthy and orphan.connects == 2
+        assert await db.fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1"
+                                 " AND objid = $2 AND granted", store.SHARD_LOCK_NAMESPACE, BASE_SHARD + 2) == 0
+        [made] = await placed.process([reserve(o, "r1", v, 1, 60)], time.time())  # it reconnects at once
         assert isinstance(made, ReservationResult), made
-        await orphan.check(reconnect=False)
-        assert orphan.superseded and orphan.connects == 1
+        assert not placed.superseded
     finally:
         await orphan.stop()
         await placed.stop()

@@ -503,4 +503,4 @@ async def test_a_leader_killed_and_started_again_serves_every_shard_again(cluste
     while len(cluster.pids_of("b")) != wanted:
         assert time.monotonic() < deadline, (len(cluster.pids_of("b")), wanted, after)
         await asyncio.sleep(0.5)
-    assert "another incarnation holds its lock and no registrar knows this one; it stops" in (cluster.tmp / "b.log").read_text()
+    assert "a newer copy has started; this one stops" in (cluster.tmp / "b.log").read_text()
