@@ -277,7 +277,11 @@ class ShardCore:
         re-arm the timers of the open reservations due within the timer horizon (later ones are
         armed as the horizon moves on: see `_arm_next_window`)."""
         self.connects += 1
-        self.epoch = await self.store.connect(take_over, self.epoch)
+        try:
+            self.epoch = await self.store.connect(take_over, self.epoch)
+        except Superseded:
+            self.superseded = True
+            raise
         self.served = True
         self.reconnect_at, self._reconnect_backoff = 0.0, 0.0
         self.residents.clear()
@@ -308,11 +312,9 @@ class ShardCore:
                 raise Reconnecting(f"shard {self.cfg.shard_id} is reconnecting to Postgres")
             try:
                 await self.start(now)
-            except BaseException as e:
+            except BaseException:
                 self._reconnect_backoff = min(max(self._reconnect_backoff * 2, 0.1), RECONNECT_MAX)
                 self.reconnect_at = time.monotonic() + self._reconnect_backoff
-                if isinstance(e, Superseded):
-                    self.superseded = True
                 raise
         elif now is not None and now + self.cfg.timer_horizon / 2 >= self.armed_until:
             await self._arm_next_window(now)
@@ -740,10 +742,11 @@ class StockShard(ActorTypeDispatcher):
             self.send(sender, self._status())
             self._keep_checking()
         except Exception as e:  # noqa: BLE001 - reported to the registrar, which retries
-            if isinstance(e, ShardLockHeld) and self.lock_wait_since is None:
+            if self.lock_wait_since is None:  # (a start ended by another copy counts as waiting too)
                 self.lock_wait_since = now
             log.error("shard %s failed to start: %s", msg.shard_id, e)
             self.send(sender, ShardStatus(msg.shard_id, False, f"{type(e).__name__}: {e}"))
+            self._stop_if_superseded()
         self._arm()
 
     def receiveMsg_ShardBatch(self, msg: ShardBatch, sender: Any) -> None:

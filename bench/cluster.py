@@ -69,6 +69,8 @@ import seed
 from common import PY, db_name, dsn_named, log
 from loadgen import percentile
 
+from persistence.migrate import migrate
+
 ORG = reserve.ORG
 WAREHOUSE = reserve.WAREHOUSE
 GRPC_PORTS = (50700, 50799)
@@ -605,6 +607,8 @@ async def ensure_sized(dsn: str, stocks: int, lines_per_stock: int) -> dict[str,
         info["seed_stocks_s"] = await seed.seed_stocks(dsn, ORG, WAREHOUSE, [f"c-{i:07d}" for i in range(stocks)],
                                                        on_hand=1000)
         have = {"stocks": stocks, "open_lines": 0}
+    else:  # reused: bring its schema up to date (a database seeded before a migration lacks it)
+        await migrate(dsn)
     want = stocks * lines_per_stock
     if lines_per_stock and have["open_lines"] < want:
         if have["open_lines"]:

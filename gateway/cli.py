@@ -70,6 +70,7 @@ def cmd_actors(settings: Settings, ready_file: str | None, node: str | None = No
 
     if not settings.database_url:
         raise ConfigError("inventory actors needs INVENTORY_DATABASE_URL")
+    _migrate(settings.database_url)  # (idempotent; several processes take turns: an advisory lock)
     # A single node is a cluster of one: its registrar health-checks the shards and recreates one
     # whose process died, exactly as it does across nodes.
     port = admin_port or settings.actor_port
@@ -84,6 +85,7 @@ def cmd_gateway(settings: Settings) -> int:
 
     if not settings.database_url:
         raise ConfigError("inventory gateway needs INVENTORY_DATABASE_URL")
+    _migrate(settings.database_url)  # (idempotent; several processes take turns: an advisory lock)
     _run_async(run_gateway(settings))
     return 0
 

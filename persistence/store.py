@@ -438,19 +438,22 @@ class ShardStore:
 
     async def connect(self, take_over: bool = False, epoch: int | None = None) -> int:
         """Connect and take this shard's lock; returns this copy's epoch. Raises ShardLockHeld if
-        another copy serves, Superseded if a newer copy started since this one (`epoch`).
+        another copy serves, Superseded if a newer copy has started since this one (`epoch`).
 
-        Epochs (migration 010): a copy that starts anew (`epoch` None) takes the next epoch of
-        the shard once it holds the lock; a copy reconnecting (its `epoch`) serves on only while
-        the shard's epoch is still its own. So when this copy is still the newest, whoever holds
-        the lock is stale (its own old session, which Postgres kept after a blip, or an older
-        copy that took a free lock): it ends that session at once; when it is not, it stops
+        Epochs (migrations 010, 011): a copy starting anew (`epoch` None) moves the shard's epoch
+        on, and records its session as the epoch's holder once it holds the lock. A copy
+        reconnecting (its `epoch`) serves on only while the epoch is still its own; then, if the
+        lock is held by the session recorded for its epoch (its own old one, which Postgres kept
+        after a network blip), it ends that session at once. Any other holder (a fresh copy that
+        holds the lock and has not moved the epoch on yet, a copy of an older version) it leaves
+        alone: ShardLockHeld, and it tries again later. When the epoch has moved on, it stops
         (ShardCore.superseded), even if the lock is free.
 
-        `take_over` (a copy starting anew): end the Postgres session of the copy holding the lock
-        first. The shard's actor asks for it only after waiting TAKE_OVER_AFTER for the lock: the
-        holder is then an orphan (its registrar died: a leader restarted) or stuck. Ending its
-        session is what fencing allows: without the lock it can commit nothing again."""
+        `take_over` (a copy starting anew): the shard's actor asks for it only after waiting
+        TAKE_OVER_AFTER for the lock: the holder is then an orphan (its registrar died: a leader
+        restarted) or stuck. The copy moves the epoch on first (so an older copy reconnecting
+        meanwhile stops instead of fighting), then ends the holder's session: fencing allows it,
+        without the lock the holder can commit nothing again."""
         await self.close()
         name = f"inventory-shard-{self.shard_id}"
         if self.lock_id != self.shard_id:  # (tests and benches: a lock of their own)
@@ -459,18 +462,24 @@ class ShardStore:
                                      timeout=self.command_timeout,
                                      server_settings=session.settings(self.dsn, name, **_SHARD_SESSION))
         try:
-            if epoch is not None and await self._epoch(conn) != epoch:
-                raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {epoch})")
-            got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id)
-            if not got and (take_over or epoch is not None):
-                got = await self._take_over(conn, RECONNECT_TAKE_OVER_WAIT if epoch is not None else 5.0)
+            if epoch is not None:  # reconnecting
+                if await self._epoch(conn) != epoch:
+                    raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {epoch})")
+                got = await self._try_lock(conn) or await self._end_own_stale_session(conn, epoch)
+            else:
+                got = await self._try_lock(conn)
+            if not got and take_over:
+                epoch = await self._next_epoch(conn)
+                got = await self._take_over(conn, 5.0)
             if not got:
                 raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
             if epoch is None:
-                epoch = int(await conn.fetchval(
-                    "INSERT INTO shard_epochs (lock_id, epoch) VALUES ($1, 1) ON CONFLICT (lock_id)"
-                    " DO UPDATE SET epoch = shard_epochs.epoch + 1 RETURNING epoch", self.lock_id))
-            elif await self._epoch(conn) != epoch:  # (a newer copy came and went between the two reads)
+                epoch = await self._next_epoch(conn)
+            recorded = await conn.fetchval(
+                "UPDATE shard_epochs SET holder_pid = pg_backend_pid(), holder_start ="
+                " (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+                " WHERE lock_id = $1 AND epoch = $2 RETURNING 1", self.lock_id, epoch)
+            if not recorded:  # (a newer copy started meanwhile)
                 raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {epoch})")
         except BaseException:
             conn.terminate()  # (and with it the lock, if taken)
@@ -478,18 +487,45 @@ class ShardStore:
         self.conn = conn
         return epoch
 
+    async def _try_lock(self, conn: asyncpg.Connection) -> bool:
+        return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id))
+
     async def _epoch(self, conn: asyncpg.Connection) -> int:
         return int(await conn.fetchval("SELECT coalesce(max(epoch), 0) FROM shard_epochs WHERE lock_id = $1",
                                        self.lock_id))
+
+    async def _next_epoch(self, conn: asyncpg.Connection) -> int:
+        return int(await conn.fetchval(
+            "INSERT INTO shard_epochs (lock_id, epoch) VALUES ($1, 1) ON CONFLICT (lock_id)"
+            " DO UPDATE SET epoch = shard_epochs.epoch + 1, holder_pid = NULL, holder_start = NULL"
+            " RETURNING epoch", self.lock_id))
+
+    async def _end_own_stale_session(self, conn: asyncpg.Connection, epoch: int) -> bool:
+        """End the lock's holder if it is the session recorded for `epoch`, and take the lock."""
+        stale = await conn.fetch(
+            "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) JOIN shard_epochs e"
+            " ON e.lock_id = $4 AND e.epoch = $3 AND e.holder_pid = l.pid AND e.holder_start = a.backend_start"
+            " WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 2 AND l.granted",
+            SHARD_LOCK_NAMESPACE, self.lock_id, epoch, self.lock_id)
+        if not stale:
+            return False
+        for (pid,) in stale:
+            log.warning("shard %s: ending its own old Postgres session %d, which still holds its lock",
+                        self.shard_id, pid)
+            await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        return await self._wait_for_lock(conn, RECONNECT_TAKE_OVER_WAIT)
 
     async def _take_over(self, conn: asyncpg.Connection, wait: float) -> bool:
         """End the sessions holding the lock, and take it (trying for up to `wait` seconds)."""
         for pid, name in await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id):
             log.warning("shard %s: ending the Postgres session %d (%s) that holds its lock", self.shard_id, pid, name)
             await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        return await self._wait_for_lock(conn, wait)
+
+    async def _wait_for_lock(self, conn: asyncpg.Connection, wait: float) -> bool:
         deadline = time.monotonic() + wait
-        while True:  # (the session ends, and its locks go, a moment after the signal)
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id):
+        while True:  # (a session ends, and its locks go, a moment after the signal)
+            if await self._try_lock(conn):
                 return True
             if time.monotonic() >= deadline:
                 return False

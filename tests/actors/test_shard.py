@@ -238,6 +238,31 @@ async def test_a_shard_whose_own_old_session_still_holds_its_lock_ends_it_and_se
         await c.stop()
 
 
+async def test_a_reconnecting_shard_ends_only_its_own_old_session_never_another_holder(
+        db: asyncpg.Connection) -> None:
+    """A holder that is not the session recorded for the shard's epoch (a fresh copy that took the
+    lock and has not moved the epoch on yet; a copy of an older version) is left alone: the
+    reconnecting shard answers unavailable and tries again later."""
+    c, o = core(2), org()
+    v = variant_in(o, 2)
+    other = await asyncpg.connect(DSN)
+    try:
+        await receive(c, o, v, "w1", 5)
+        await c.store.close()  # its session ends; another takes the free lock
+        assert await other.fetchval("SELECT pg_try_advisory_lock($1, $2)", store.SHARD_LOCK_NAMESPACE,
+                                    BASE_SHARD + 2)
+        [refused] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(refused, Rejected) and "another process" in refused.message, refused
+        assert not c.superseded and await other.fetchval("SELECT 1") == 1  # still there
+        await other.execute("SELECT pg_advisory_unlock_all()")
+        await asyncio.sleep(0.2)  # (its next attempt waits 0.1 s)
+        [made] = await c.process([reserve(o, "r1", v, 1, 60)], time.time())
+        assert isinstance(made, ReservationResult), made
+    finally:
+        await other.close()
+        await c.stop()
+
+
 async def test_an_orphan_never_takes_a_free_lock_from_the_newer_copy(db: asyncpg.Connection) -> None:
     """When the newer copy's session drops, the lock is free for a moment: an orphan reconnecting
     then must not take it (the newer copy would wait TAKE_OVER_AFTER): it finds the shard's epoch
