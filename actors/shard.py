@@ -264,7 +264,6 @@ class ShardCore:
         self._next_passivation = 0.0
         self._loaded_since_freeze = 0
         self.served = False  # started once: holds (or held) the lock
-        self.epoch: int | None = None  # this copy's epoch, once started (ShardStore.connect)
         self.superseded = False  # a newer copy has started since this one (ShardStore.Superseded)
         self.connects = 0  # attempts to connect and take the lock
         self.reconnect_at = 0.0  # (monotonic) no new attempt before this, after one failed
@@ -278,7 +277,7 @@ class ShardCore:
         armed as the horizon moves on: see `_arm_next_window`)."""
         self.connects += 1
         try:
-            self.epoch = await self.store.connect(take_over, self.epoch)
+            await self.store.connect(take_over)
         except Superseded:
             self.superseded = True
             raise
@@ -301,6 +300,11 @@ class ShardCore:
         until = now + self.cfg.timer_horizon
         await self.store.load_due(self.armed_until, until, self.timers.arm, timeout)
         self.armed_until = until
+
+    @property
+    def epoch(self) -> int | None:
+        """This copy's epoch (ShardStore.connect)."""
+        return self.store.epoch
 
     async def ensure_started(self, now: float | None = None) -> None:
         """Connected, with the lock, and the timers of the next window armed. Reconnecting after
@@ -732,7 +736,7 @@ class StockShard(ActorTypeDispatcher):
         if previous is not None and not previous.superseded:
             # configured again (it reported not ready): the same copy, with its epoch, so a stale
             # holder of the lock (its own old session, kept by Postgres) is ended at once
-            self.core.epoch = previous.epoch
+            self.core.store.epoch = previous.store.epoch
         now = time.monotonic()
         take_over = self.lock_wait_since is not None and now - self.lock_wait_since >= TAKE_OVER_AFTER
         try:

@@ -60,7 +60,9 @@ log = logging.getLogger("inventory.store")
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id); purchase orders: queries.PURCHASE_LOCK_NAMESPACE
 _LOCK_HOLDERS = ("SELECT pid, application_name FROM pg_locks JOIN pg_stat_activity USING (pid)"
-                 " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted")
+                 " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted"
+                 " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                 " AND pid <> pg_backend_pid()")  # (advisory locks are per database)
 
 # The shard's session plans every prepared statement once (a generic plan) and only as
 # index lookups. By default Postgres plans a statement afresh at every execution while a
@@ -435,25 +437,27 @@ class ShardStore:
         self.lock_id = shard_id if lock_id is None else lock_id
         self.shard_count = shard_count
         self.conn: asyncpg.Connection | None = None
+        self.epoch: int | None = None  # this copy's epoch once it has one (see connect)
 
-    async def connect(self, take_over: bool = False, epoch: int | None = None) -> int:
-        """Connect and take this shard's lock; returns this copy's epoch. Raises ShardLockHeld if
-        another copy serves, Superseded if a newer copy has started since this one (`epoch`).
+    async def connect(self, take_over: bool = False) -> None:
+        """Connect and take this shard's lock. Raises ShardLockHeld if another copy serves,
+        Superseded if a newer copy has started since this one.
 
         Epochs (migrations 010, 011): a copy starting anew (`epoch` None) moves the shard's epoch
-        on, and records its session as the epoch's holder once it holds the lock. A copy
-        reconnecting (its `epoch`) serves on only while the epoch is still its own; then, if the
-        lock is held by the session recorded for its epoch (its own old one, which Postgres kept
-        after a network blip), it ends that session at once. Any other holder (a fresh copy that
-        holds the lock and has not moved the epoch on yet, a copy of an older version) it leaves
-        alone: ShardLockHeld, and it tries again later. When the epoch has moved on, it stops
-        (ShardCore.superseded), even if the lock is free.
+        on and records its session as the epoch's holder, in the statement that takes the lock.
+        A copy reconnecting (its `epoch`) serves on only while the epoch is still its own; then,
+        if the lock is held by the session recorded for its epoch (its own old one, which
+        Postgres kept after a network blip), it ends that session at once. Any other holder (a
+        fresh copy about to move the epoch on, a copy of an older version) it leaves alone:
+        ShardLockHeld, and it tries again later. When the epoch has moved on, it stops
+        (ShardCore.superseded), even if the lock is free. Taking the lock and recording the
+        holder happen in one statement: a session that holds the lock is always recorded.
 
-        `take_over` (a copy starting anew): the shard's actor asks for it only after waiting
-        TAKE_OVER_AFTER for the lock: the holder is then an orphan (its registrar died: a leader
-        restarted) or stuck. The copy moves the epoch on first (so an older copy reconnecting
-        meanwhile stops instead of fighting), then ends the holder's session: fencing allows it,
-        without the lock the holder can commit nothing again."""
+        `take_over`: the shard's actor asks for it only after waiting TAKE_OVER_AFTER for the
+        lock: the holder is then an orphan (its registrar died: a leader restarted) or stuck.
+        The copy moves the epoch on first (kept even if what follows fails, so an older copy
+        reconnecting meanwhile stops instead of fighting), then ends the holder's session:
+        fencing allows it, without the lock the holder can commit nothing again."""
         await self.close()
         name = f"inventory-shard-{self.shard_id}"
         if self.lock_id != self.shard_id:  # (tests and benches: a lock of their own)
@@ -462,51 +466,67 @@ class ShardStore:
                                      timeout=self.command_timeout,
                                      server_settings=session.settings(self.dsn, name, **_SHARD_SESSION))
         try:
-            if epoch is not None:  # reconnecting
-                if await self._epoch(conn) != epoch:
-                    raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {epoch})")
-                got = await self._try_lock(conn) or await self._end_own_stale_session(conn, epoch)
+            if self.epoch is not None and await self._epoch(conn) != self.epoch:
+                raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {self.epoch})")
+            if self.epoch is None:
+                got = await self._lock_as_new(conn)
             else:
-                got = await self._try_lock(conn)
+                got = await self._lock_as(conn) or await self._end_own_stale_session(conn)
             if not got and take_over:
-                epoch = await self._next_epoch(conn)
-                got = await self._take_over(conn, 5.0)
+                self.epoch = int(await conn.fetchval(
+                    "INSERT INTO shard_epochs (lock_id, epoch) VALUES ($1, 1) ON CONFLICT (lock_id)"
+                    " DO UPDATE SET epoch = shard_epochs.epoch + 1, holder_pid = NULL, holder_start = NULL"
+                    " RETURNING epoch", self.lock_id))
+                for pid, holder in await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id):
+                    log.warning("shard %s: ending the Postgres session %d (%s) that holds its lock",
+                                self.shard_id, pid, holder)
+                    await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+                got = await self._wait_for_lock(conn, 5.0)
             if not got:
+                if self.epoch is not None and await self._epoch(conn) != self.epoch:
+                    raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {self.epoch})")
                 raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
-            if epoch is None:
-                epoch = await self._next_epoch(conn)
-            recorded = await conn.fetchval(
-                "UPDATE shard_epochs SET holder_pid = pg_backend_pid(), holder_start ="
-                " (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
-                " WHERE lock_id = $1 AND epoch = $2 RETURNING 1", self.lock_id, epoch)
-            if not recorded:  # (a newer copy started meanwhile)
-                raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {epoch})")
         except BaseException:
             conn.terminate()  # (and with it the lock, if taken)
             raise
         self.conn = conn
-        return epoch
-
-    async def _try_lock(self, conn: asyncpg.Connection) -> bool:
-        return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", SHARD_LOCK_NAMESPACE, self.lock_id))
 
     async def _epoch(self, conn: asyncpg.Connection) -> int:
         return int(await conn.fetchval("SELECT coalesce(max(epoch), 0) FROM shard_epochs WHERE lock_id = $1",
                                        self.lock_id))
 
-    async def _next_epoch(self, conn: asyncpg.Connection) -> int:
-        return int(await conn.fetchval(
-            "INSERT INTO shard_epochs (lock_id, epoch) VALUES ($1, 1) ON CONFLICT (lock_id)"
-            " DO UPDATE SET epoch = shard_epochs.epoch + 1, holder_pid = NULL, holder_start = NULL"
-            " RETURNING epoch", self.lock_id))
+    async def _lock_as_new(self, conn: asyncpg.Connection) -> bool:
+        """Take the lock and, in the same statement, move the epoch on and record this session."""
+        epoch = await conn.fetchval(
+            "INSERT INTO shard_epochs AS e (lock_id, epoch, holder_pid, holder_start)"
+            " SELECT $1, 1, pg_backend_pid(), (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+            " WHERE pg_try_advisory_lock($2, $3)"
+            " ON CONFLICT (lock_id) DO UPDATE SET epoch = e.epoch + 1, holder_pid = excluded.holder_pid,"
+            " holder_start = excluded.holder_start RETURNING epoch", self.lock_id, SHARD_LOCK_NAMESPACE, self.lock_id)
+        if epoch is None:
+            return False
+        self.epoch = int(epoch)
+        return True
 
-    async def _end_own_stale_session(self, conn: asyncpg.Connection, epoch: int) -> bool:
-        """End the lock's holder if it is the session recorded for `epoch`, and take the lock."""
+    async def _lock_as(self, conn: asyncpg.Connection) -> bool:
+        """Take the lock as this copy's epoch's holder and record this session, in one statement;
+        False if the lock is held, or the epoch is no longer this copy's (then not even tried)."""
+        return bool(await conn.fetchval(
+            "UPDATE shard_epochs SET holder_pid = pg_backend_pid(),"
+            " holder_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+            " WHERE lock_id = $1 AND CASE WHEN lock_id = $1 AND epoch = $2 THEN pg_try_advisory_lock($3, $4)"
+            " ELSE false END"
+            " RETURNING 1", self.lock_id, self.epoch, SHARD_LOCK_NAMESPACE, self.lock_id))
+
+    async def _end_own_stale_session(self, conn: asyncpg.Connection) -> bool:
+        """End the lock's holder if it is the session recorded for this copy's epoch, and take the lock."""
         stale = await conn.fetch(
             "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) JOIN shard_epochs e"
             " ON e.lock_id = $4 AND e.epoch = $3 AND e.holder_pid = l.pid AND e.holder_start = a.backend_start"
-            " WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 2 AND l.granted",
-            SHARD_LOCK_NAMESPACE, self.lock_id, epoch, self.lock_id)
+            " WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 2 AND l.granted"
+            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND l.pid <> pg_backend_pid()",
+            SHARD_LOCK_NAMESPACE, self.lock_id, self.epoch, self.lock_id)
         if not stale:
             return False
         for (pid,) in stale:
@@ -515,17 +535,10 @@ class ShardStore:
             await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
         return await self._wait_for_lock(conn, RECONNECT_TAKE_OVER_WAIT)
 
-    async def _take_over(self, conn: asyncpg.Connection, wait: float) -> bool:
-        """End the sessions holding the lock, and take it (trying for up to `wait` seconds)."""
-        for pid, name in await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id):
-            log.warning("shard %s: ending the Postgres session %d (%s) that holds its lock", self.shard_id, pid, name)
-            await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
-        return await self._wait_for_lock(conn, wait)
-
     async def _wait_for_lock(self, conn: asyncpg.Connection, wait: float) -> bool:
         deadline = time.monotonic() + wait
         while True:  # (a session ends, and its locks go, a moment after the signal)
-            if await self._try_lock(conn):
+            if await self._lock_as(conn):
                 return True
             if time.monotonic() >= deadline:
                 return False

@@ -263,6 +263,49 @@ async def test_a_reconnecting_shard_ends_only_its_own_old_session_never_another_
         await c.stop()
 
 
+async def test_a_take_over_ends_only_this_database_s_holders_and_keeps_its_epoch_if_it_fails(
+        db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Advisory locks are per database: a take-over here must not end a session that holds the
+    same lock id in another database (another deployment on the same server). And the epoch a
+    take-over moved on stays this copy's even if the take-over fails: the next attempt must not
+    find itself superseded by its own claim."""
+    other_db = "inv_shard_other_db"
+    if not await db.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", other_db):
+        await db.execute(f'CREATE DATABASE "{other_db}"')
+    lock = BASE_SHARD + 5
+    elsewhere = await asyncpg.connect(DSN.rsplit("/", 1)[0] + "/" + other_db)
+    here = await asyncpg.connect(DSN)
+    c = core(5)
+    try:
+        for conn in (elsewhere, here):
+            assert await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", store.SHARD_LOCK_NAMESPACE, lock)
+        await c.start(take_over=True)
+        assert await elsewhere.fetchval("SELECT 1") == 1  # untouched
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await here.fetchval("SELECT 1")  # ended
+        epoch = c.epoch
+        assert epoch is not None
+        # a take-over that fails after moving the epoch on (its connection drops meanwhile)
+        here = await asyncpg.connect(DSN)
+        await c.store.close()
+        assert await here.fetchval("SELECT pg_try_advisory_lock($1, $2)", store.SHARD_LOCK_NAMESPACE, lock)
+
+        async def dropped(*_: object) -> bool:
+            raise ConnectionResetError("dropped during the take-over")
+
+        monkeypatch.setattr(c.store, "_wait_for_lock", dropped)
+        with pytest.raises(ConnectionResetError):
+            await c.start(take_over=True)
+        assert c.epoch == epoch + 1 and not c.superseded  # the claim is its own
+        monkeypatch.undo()
+        await c.start(take_over=True)
+        assert not c.superseded and c.store.healthy
+    finally:
+        await c.stop()
+        await elsewhere.close()
+        await here.close()
+
+
 async def test_an_orphan_never_takes_a_free_lock_from_the_newer_copy(db: asyncpg.Connection) -> None:
     """When the newer copy's session drops, the lock is free for a moment: an orphan reconnecting
     then must not take it (the newer copy would wait TAKE_OVER_AFTER): it finds the shard's epoch
