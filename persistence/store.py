@@ -510,13 +510,18 @@ class ShardStore:
 
     async def _lock_as(self, conn: asyncpg.Connection) -> bool:
         """Take the lock as this copy's epoch's holder and record this session, in one statement;
-        False if the lock is held, or the epoch is no longer this copy's (then not even tried)."""
-        return bool(await conn.fetchval(
-            "UPDATE shard_epochs SET holder_pid = pg_backend_pid(),"
-            " holder_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
-            " WHERE lock_id = $1 AND CASE WHEN lock_id = $1 AND epoch = $2 THEN pg_try_advisory_lock($3, $4)"
-            " ELSE false END"
-            " RETURNING 1", self.lock_id, self.epoch, SHARD_LOCK_NAMESPACE, self.lock_id))
+        False if the lock is held, or the epoch is no longer this copy's. (If a newer copy's epoch
+        commits while this statement waits on the row, the lock may have been taken for a row
+        then skipped: let go of it at once, so that a lock holder is always recorded.)"""
+        if await conn.fetchval(
+                "UPDATE shard_epochs SET holder_pid = pg_backend_pid(),"
+                " holder_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+                " WHERE lock_id = $1 AND CASE WHEN lock_id = $1 AND epoch = $2 THEN pg_try_advisory_lock($3, $4)"
+                " ELSE false END"
+                " RETURNING 1", self.lock_id, self.epoch, SHARD_LOCK_NAMESPACE, self.lock_id):
+            return True
+        await conn.execute("SELECT pg_advisory_unlock_all()")  # (the shard's session holds no other)
+        return False
 
     async def _end_own_stale_session(self, conn: asyncpg.Connection) -> bool:
         """End the lock's holder if it is the session recorded for this copy's epoch, and take the lock."""
