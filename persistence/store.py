@@ -59,6 +59,7 @@ from persistence import outbox, session
 log = logging.getLogger("inventory.store")
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id); purchase orders: queries.PURCHASE_LOCK_NAMESPACE
+_OWN_SESSION_START = "(SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
 _LOCK_HOLDERS = ("SELECT pid, application_name FROM pg_locks JOIN pg_stat_activity USING (pid)"
                  " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted"
                  " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
@@ -499,7 +500,7 @@ class ShardStore:
         """Take the lock and, in the same statement, move the epoch on and record this session."""
         epoch = await conn.fetchval(
             "INSERT INTO shard_epochs AS e (lock_id, epoch, holder_pid, holder_start)"
-            " SELECT $1, 1, pg_backend_pid(), (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+            f" SELECT $1, 1, pg_backend_pid(), {_OWN_SESSION_START}"
             " WHERE pg_try_advisory_lock($2, $3)"
             " ON CONFLICT (lock_id) DO UPDATE SET epoch = e.epoch + 1, holder_pid = excluded.holder_pid,"
             " holder_start = excluded.holder_start RETURNING epoch", self.lock_id, SHARD_LOCK_NAMESPACE, self.lock_id)
@@ -515,7 +516,7 @@ class ShardStore:
         then skipped: let go of it at once, so that a lock holder is always recorded.)"""
         if await conn.fetchval(
                 "UPDATE shard_epochs SET holder_pid = pg_backend_pid(),"
-                " holder_start = (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
+                f" holder_start = {_OWN_SESSION_START}"
                 " WHERE lock_id = $1 AND CASE WHEN lock_id = $1 AND epoch = $2 THEN pg_try_advisory_lock($3, $4)"
                 " ELSE false END"
                 " RETURNING 1", self.lock_id, self.epoch, SHARD_LOCK_NAMESPACE, self.lock_id):
