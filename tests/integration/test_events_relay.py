@@ -367,6 +367,38 @@ async def test_the_purchase_order_lock_is_not_a_shard_s_lock(pool: asyncpg.Pool)
         await holder.close()
 
 
+async def test_one_purchase_order_at_a_time_across_pools_and_others_unhindered(pool: asyncpg.Pool) -> None:
+    """What keeps two gateways (two pools) from reading one purchase order's ledger at once: the
+    second waits for the first to let go; another order does not wait; the lock always goes."""
+    from persistence import queries
+
+    other = await asyncpg.create_pool(DSN, min_size=1, max_size=2)  # another gateway's pool
+    org = str(uuid.uuid4())
+    try:
+        async with queries.purchase_order_lock(pool, org, "po-1"):
+            second = asyncio.ensure_future(_hold(other, org, "po-1"))
+            await asyncio.sleep(0.3)
+            assert not second.done()  # waiting
+            async with asyncio.timeout(5):
+                await _hold(other, org, "po-2")  # another order: at once
+        async with asyncio.timeout(5):
+            await second  # let go: the second gets it
+        with pytest.raises(RuntimeError):
+            async with queries.purchase_order_lock(pool, org, "po-1"):
+                raise RuntimeError("a failure while holding it")
+        async with asyncio.timeout(5):
+            await _hold(other, org, "po-1")  # and the lock went with it
+    finally:
+        await other.close()
+
+
+async def _hold(pool: asyncpg.Pool, org: str, purchase_order: str) -> None:
+    from persistence import queries
+
+    async with queries.purchase_order_lock(pool, org, purchase_order) as conn:
+        assert await conn.fetchval("SELECT 1") == 1
+
+
 async def test_reorder_needed_gets_the_last_supplier_and_the_average_lead_time_from_the_purchase_history(
         pool: asyncpg.Pool, tap: Tap, prefix: str) -> None:
     from datetime import UTC, datetime, timedelta
