@@ -736,7 +736,7 @@ class StockShard(ActorTypeDispatcher):
         if previous is not None and not previous.superseded:
             # configured again (it reported not ready): the same copy, with its epoch, so a stale
             # holder of the lock (its own old session, kept by Postgres) is ended at once
-            self.core.store.epoch = previous.store.epoch
+            self.core.store.epoch, self.core.store.token = previous.store.epoch, previous.store.token
         now = time.monotonic()
         take_over = self.lock_wait_since is not None and now - self.lock_wait_since >= TAKE_OVER_AFTER
         try:

@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -439,6 +440,7 @@ class ShardStore:
         self.shard_count = shard_count
         self.conn: asyncpg.Connection | None = None
         self.epoch: int | None = None  # this copy's epoch once it has one (see connect)
+        self.token = uuid.uuid4().hex  # this copy's mark on the epochs it claims (claimed_by)
 
     async def connect(self, take_over: bool = False) -> None:
         """Connect and take this shard's lock. Raises ShardLockHeld if another copy serves,
@@ -467,43 +469,47 @@ class ShardStore:
                                      timeout=self.command_timeout,
                                      server_settings=session.settings(self.dsn, name, **_SHARD_SESSION))
         try:
-            if self.epoch is not None and await self._epoch(conn) != self.epoch:
-                raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {self.epoch})")
+            await self._check_epoch(conn)
             if self.epoch is None:
                 got = await self._lock_as_new(conn)
             else:
                 got = await self._lock_as(conn) or await self._end_own_stale_session(conn)
             if not got and take_over:
                 self.epoch = int(await conn.fetchval(
-                    "INSERT INTO shard_epochs (lock_id, epoch) VALUES ($1, 1) ON CONFLICT (lock_id)"
-                    " DO UPDATE SET epoch = shard_epochs.epoch + 1, holder_pid = NULL, holder_start = NULL"
-                    " RETURNING epoch", self.lock_id))
+                    "INSERT INTO shard_epochs (lock_id, epoch, claimed_by) VALUES ($1, 1, $2) ON CONFLICT (lock_id)"
+                    " DO UPDATE SET epoch = shard_epochs.epoch + 1, holder_pid = NULL, holder_start = NULL,"
+                    " claimed_by = $2 RETURNING epoch", self.lock_id, self.token))
                 for pid, holder in await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id):
                     log.warning("shard %s: ending the Postgres session %d (%s) that holds its lock",
                                 self.shard_id, pid, holder)
                     await conn.fetchval("SELECT pg_terminate_backend($1)", pid)
                 got = await self._wait_for_lock(conn, 5.0)
             if not got:
-                if self.epoch is not None and await self._epoch(conn) != self.epoch:
-                    raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {self.epoch})")
+                await self._check_epoch(conn)
                 raise ShardLockHeld(f"shard {self.shard_id} is served by another process")
         except BaseException:
             conn.terminate()  # (and with it the lock, if taken)
             raise
         self.conn = conn
 
-    async def _epoch(self, conn: asyncpg.Connection) -> int:
-        return int(await conn.fetchval("SELECT coalesce(max(epoch), 0) FROM shard_epochs WHERE lock_id = $1",
-                                       self.lock_id))
+    async def _check_epoch(self, conn: asyncpg.Connection) -> None:
+        """Adopt the shard's epoch if this copy claimed it (the reply to its claim may have been
+        lost); raise Superseded if this copy has an epoch and it is no longer the shard's."""
+        row = await conn.fetchrow("SELECT epoch, claimed_by FROM shard_epochs WHERE lock_id = $1", self.lock_id)
+        if row is not None and row["claimed_by"] == self.token:
+            self.epoch = int(row["epoch"])
+        elif self.epoch is not None and (row is None or row["epoch"] != self.epoch):
+            raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {self.epoch})")
 
     async def _lock_as_new(self, conn: asyncpg.Connection) -> bool:
         """Take the lock and, in the same statement, move the epoch on and record this session."""
         epoch = await conn.fetchval(
-            "INSERT INTO shard_epochs AS e (lock_id, epoch, holder_pid, holder_start)"
-            f" SELECT $1, 1, pg_backend_pid(), {_OWN_SESSION_START}"
+            "INSERT INTO shard_epochs AS e (lock_id, epoch, holder_pid, holder_start, claimed_by)"
+            f" SELECT $1, 1, pg_backend_pid(), {_OWN_SESSION_START}, $4"
             " WHERE pg_try_advisory_lock($2, $3)"
             " ON CONFLICT (lock_id) DO UPDATE SET epoch = e.epoch + 1, holder_pid = excluded.holder_pid,"
-            " holder_start = excluded.holder_start RETURNING epoch", self.lock_id, SHARD_LOCK_NAMESPACE, self.lock_id)
+            " holder_start = excluded.holder_start, claimed_by = excluded.claimed_by RETURNING epoch",
+            self.lock_id, SHARD_LOCK_NAMESPACE, self.lock_id, self.token)
         if epoch is None:
             return False
         self.epoch = int(epoch)

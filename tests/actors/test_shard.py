@@ -306,6 +306,43 @@ async def test_a_take_over_ends_only_this_database_s_holders_and_keeps_its_epoch
         await here.close()
 
 
+async def test_a_copy_whose_claim_s_reply_was_lost_knows_the_epoch_and_its_old_session_for_its_own(
+        db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The statement that took the lock and moved the epoch on committed, its reply was lost, and
+    Postgres kept the session (holding the lock): the copy knows neither. Its claim's token tells
+    it the epoch is its own, so it ends that session and serves, instead of being refused until a
+    take-over (TAKE_OVER_AFTER)."""
+    c, o = core(1), org()
+    v = variant_in(o, 1)
+    real = store.ShardStore._lock_as_new
+    kept: list[asyncpg.Connection] = []
+
+    async def reply_lost(self: store.ShardStore, conn: asyncpg.Connection) -> bool:
+        # (the statement runs on a session the test keeps: the one Postgres would keep)
+        session = await asyncpg.connect(DSN)
+        kept.append(session)
+        assert await real(self, session)
+        self.epoch = None  # (what the copy would know without the reply)
+        raise ConnectionResetError("reply lost")
+
+    monkeypatch.setattr(store.ShardStore, "_lock_as_new", reply_lost)
+    try:
+        with pytest.raises(ConnectionResetError):
+            await c.start()
+        monkeypatch.undo()
+        assert c.epoch is None and not kept[0].is_closed()
+        await asyncio.sleep(0.2)  # (its next attempt waits 0.1 s)
+        await receive(c, o, v, "w1", 5)  # a batch: it reconnects
+        assert c.store.healthy and c.epoch is not None and not c.superseded
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            await kept[0].fetchval("SELECT 1")  # ended
+    finally:
+        for conn in kept:
+            if not conn.is_closed():
+                await conn.close(timeout=1)
+        await c.stop()
+
+
 async def test_an_orphan_never_takes_a_free_lock_from_the_newer_copy(db: asyncpg.Connection) -> None:
     """When the newer copy's session drops, the lock is free for a moment: an orphan reconnecting
     then must not take it (the newer copy would wait TAKE_OVER_AFTER): it finds the shard's epoch
