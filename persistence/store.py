@@ -476,9 +476,10 @@ class ShardStore:
                 got = await self._lock_as(conn) or await self._end_own_stale_session(conn)
             if not got and take_over:
                 self.epoch = int(await conn.fetchval(
-                    "INSERT INTO shard_epochs (lock_id, epoch, claimed_by) VALUES ($1, 1, $2) ON CONFLICT (lock_id)"
-                    " DO UPDATE SET epoch = shard_epochs.epoch + 1, holder_pid = NULL, holder_start = NULL,"
-                    " claimed_by = $2 RETURNING epoch", self.lock_id, self.token))
+                    "INSERT INTO shard_epochs (lock_id, epoch, claimed_by) VALUES ($1, 1, $2 || ':1')"
+                    " ON CONFLICT (lock_id) DO UPDATE SET epoch = shard_epochs.epoch + 1, holder_pid = NULL,"
+                    " holder_start = NULL, claimed_by = $2 || ':' || (shard_epochs.epoch + 1)"
+                    " RETURNING epoch", self.lock_id, self.token))
                 for pid, holder in await conn.fetch(_LOCK_HOLDERS, SHARD_LOCK_NAMESPACE, self.lock_id):
                     log.warning("shard %s: ending the Postgres session %d (%s) that holds its lock",
                                 self.shard_id, pid, holder)
@@ -496,7 +497,9 @@ class ShardStore:
         """Adopt the shard's epoch if this copy claimed it (the reply to its claim may have been
         lost); raise Superseded if this copy has an epoch and it is no longer the shard's."""
         row = await conn.fetchrow("SELECT epoch, claimed_by FROM shard_epochs WHERE lock_id = $1", self.lock_id)
-        if row is not None and row["claimed_by"] == self.token:
+        # (the claim names its epoch too: a copy of an older version moves the epoch on without
+        # touching claimed_by, and must not pass for this copy's claim)
+        if row is not None and row["claimed_by"] == f"{self.token}:{row['epoch']}":
             self.epoch = int(row["epoch"])
         elif self.epoch is not None and (row is None or row["epoch"] != self.epoch):
             raise Superseded(f"shard {self.shard_id}: a newer copy has started (epoch > {self.epoch})")
@@ -505,10 +508,10 @@ class ShardStore:
         """Take the lock and, in the same statement, move the epoch on and record this session."""
         epoch = await conn.fetchval(
             "INSERT INTO shard_epochs AS e (lock_id, epoch, holder_pid, holder_start, claimed_by)"
-            f" SELECT $1, 1, pg_backend_pid(), {_OWN_SESSION_START}, $4"
+            f" SELECT $1, 1, pg_backend_pid(), {_OWN_SESSION_START}, $4 || ':1'"
             " WHERE pg_try_advisory_lock($2, $3)"
             " ON CONFLICT (lock_id) DO UPDATE SET epoch = e.epoch + 1, holder_pid = excluded.holder_pid,"
-            " holder_start = excluded.holder_start, claimed_by = excluded.claimed_by RETURNING epoch",
+            " holder_start = excluded.holder_start, claimed_by = $4 || ':' || (e.epoch + 1) RETURNING epoch",
             self.lock_id, SHARD_LOCK_NAMESPACE, self.lock_id, self.token)
         if epoch is None:
             return False

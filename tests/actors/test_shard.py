@@ -343,6 +343,30 @@ async def test_a_copy_whose_claim_s_reply_was_lost_knows_the_epoch_and_its_old_s
         await c.stop()
 
 
+async def test_an_epoch_moved_on_by_an_older_version_is_not_taken_for_this_copy_s_claim(
+        db: asyncpg.Connection) -> None:
+    """A copy of the previous version moves the epoch on without writing claimed_by: the row
+    still names this copy's token, but for an older epoch. This copy is superseded, and the
+    other's session is left alone (taken for its own, it was ended, and the two took turns)."""
+    c = core(1)
+    old_version = await asyncpg.connect(DSN)
+    try:
+        await c.start()
+        await c.store.close()  # its session drops
+        assert await old_version.fetchval("SELECT pg_try_advisory_lock($1, $2)", store.SHARD_LOCK_NAMESPACE,
+                                          BASE_SHARD + 1)
+        await old_version.execute(
+            "UPDATE shard_epochs SET epoch = epoch + 1, holder_pid = pg_backend_pid(), holder_start ="
+            " (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()) WHERE lock_id = $1",
+            BASE_SHARD + 1)
+        await c.check()  # it reconnects
+        assert c.superseded and not c.store.healthy
+        assert await old_version.fetchval("SELECT 1") == 1  # not ended
+    finally:
+        await old_version.close()
+        await c.stop()
+
+
 async def test_an_orphan_never_takes_a_free_lock_from_the_newer_copy(db: asyncpg.Connection) -> None:
     """When the newer copy's session drops, the lock is free for a moment: an orphan reconnecting
     then must not take it (the newer copy would wait TAKE_OVER_AFTER): it finds the shard's epoch
