@@ -158,11 +158,18 @@ async def run_grpc(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- Postgres baseline
 
 
+async def _no_reset(conn: Any) -> None:
+    """A pool's reset that sends nothing (asyncpg still clears its client-side state)."""
+
+
 async def run_pg(spec: dict[str, Any]) -> dict[str, Any]:
     import asyncpg
 
+    # No reset query on release: the fastest asyncpg pool (its transactions leave no session
+    # state). `reset=None` does NOT skip it: since asyncpg 0.30 None means the default reset, a
+    # round trip per release, which the baseline paid in every run before 2026-11-28 22:40 UTC.
     pool = await asyncpg.create_pool(spec["dsn"], min_size=spec["pool_size"], max_size=spec["pool_size"],
-                                     reset=None)  # reset=None: the fastest asyncpg pool setting
+                                     reset=_no_reset)
     org, wh, ttl = spec["organization_id"], spec["warehouse_id"], float(spec["ttl_seconds"])
     prefix = f"{spec['order_prefix']}-{os.getpid()}"
     from asyncpg.exceptions import PostgresError

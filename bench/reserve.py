@@ -10,7 +10,7 @@ What runs (all on this machine, all started and stopped by this script):
   its own gRPC port (50200-50299) and Thespian admin port (19800-19899);
 * the baseline: the classic guarded `UPDATE bench_stock SET reserved = reserved + q
   WHERE ... AND on_hand - reserved >= q` plus an INSERT of the reservation, in one
-  transaction, through an asyncpg pool (reset=None), in the same database;
+  transaction, through an asyncpg pool with no reset query on release, in the same database;
 * the ceiling: a trivial grpc.aio server on uvloop (bench/echo_server.py) that answers
   ReserveStockRequest with a ReserveStockResponse, driven by the same client code.
 
@@ -645,7 +645,7 @@ def report(env: Env, runs: dict[tuple[str, int], list[Phase]], settings: dict[st
     out.append("")
     out.append(f"Postgres {settings.get('server_version')}: synchronous_commit={settings.get('synchronous_commit')}"
                f" fsync={settings.get('fsync')} shared_buffers={settings.get('shared_buffers')};"
-               f" baseline: asyncpg pool of {'/'.join(map(str, a.pg_pool))} connections (best reported), reset=None;"
+               f" baseline: asyncpg pool of {'/'.join(map(str, a.pg_pool))} connections (best reported), no reset query on release;"
                f" gRPC client: {a.channels} channels, uvloop; machine: {os.cpu_count()} cores")
     return out, csv_rows, all_met
 
