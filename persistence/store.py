@@ -61,10 +61,12 @@ log = logging.getLogger("inventory.store")
 
 SHARD_LOCK_NAMESPACE = 0x1A7E  # pg_advisory_lock(namespace, shard_id); purchase orders: queries.PURCHASE_LOCK_NAMESPACE
 _OWN_SESSION_START = "(SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())"
-_LOCK_HOLDERS = ("SELECT pid, application_name FROM pg_locks JOIN pg_stat_activity USING (pid)"
-                 " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 2 AND granted"
-                 " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                 " AND pid <> pg_backend_pid()")  # (advisory locks are per database)
+# Other sessions holding the advisory lock ($1, $2) in this database (advisory locks are per
+# database): the condition on `pg_locks l` of both queries below.
+_HELD_BY_OTHERS = ("l.locktype = 'advisory' AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 2 AND l.granted"
+                   " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                   " AND l.pid <> pg_backend_pid()")
+_LOCK_HOLDERS = f"SELECT pid, application_name FROM pg_locks l JOIN pg_stat_activity USING (pid) WHERE {_HELD_BY_OTHERS}"
 
 # The shard's session plans every prepared statement once (a generic plan) and only as
 # index lookups. By default Postgres plans a statement afresh at every execution while a
@@ -538,9 +540,7 @@ class ShardStore:
         stale = await conn.fetch(
             "SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a USING (pid) JOIN shard_epochs e"
             " ON e.lock_id = $4 AND e.epoch = $3 AND e.holder_pid = l.pid AND e.holder_start = a.backend_start"
-            " WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = $2 AND l.objsubid = 2 AND l.granted"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND l.pid <> pg_backend_pid()",
+            f" WHERE {_HELD_BY_OTHERS}",
             SHARD_LOCK_NAMESPACE, self.lock_id, self.epoch, self.lock_id)
         if not stale:
             return False
