@@ -212,7 +212,8 @@ class VariantNames:
     """The sku and product name of a variant, for the events that carry them (`low_level`,
     filled in by the outbox relay): the shared cache, else the Catalog, else "" (the event is
     published without them rather than held). After the Catalog did not answer, it is not asked
-    again for `quiet` seconds, so a backlog of events never waits on it one by one."""
+    again for `quiet` seconds (a breaker that opens at the first failure), so a backlog of
+    events never waits on it one by one."""
 
     def __init__(self, client: CatalogClient, cache: VariantCache, *, timeout: float = 2.0,
                  quiet: float = 30.0) -> None:
@@ -220,7 +221,7 @@ class VariantNames:
         self.cache = cache
         self.timeout = timeout
         self.quiet = quiet
-        self._quiet_until = 0.0
+        self.breaker = CircuitBreaker("relay-catalog", threshold=1, cooldown=quiet)
 
     @classmethod
     def build(cls, settings: Settings, breaker: CircuitBreaker) -> VariantNames | None:
@@ -243,16 +244,17 @@ class VariantNames:
         cached = await self.cache.get(organization_id, variant_id)
         if cached is not None:
             return cached.sku, cached.product_name
-        now = time.monotonic()
-        if now < self._quiet_until or (deadline is not None and deadline - now < self.timeout):
+        # (the deadline first: a breaker that lets a call through counts on hearing how it went)
+        if (deadline is not None and deadline - time.monotonic() < self.timeout) or not self.breaker.allow():
             return "", ""
         try:
             info = await asyncio.wait_for(self.client.validate(organization_id, variant_id), self.timeout + 1.0)
         except (CatalogUnavailable, TimeoutError) as e:
-            self._quiet_until = time.monotonic() + self.quiet
+            self.breaker.record_failure(str(e) or type(e).__name__)
             log.warning("variant names: the Catalog did not answer (%s); events go without sku and product name "
                         "for %.0f s", e or type(e).__name__, self.quiet)
             return "", ""
+        self.breaker.record_success()
         if info.exists:
             await self.cache.put(organization_id, variant_id, info)
         return info.sku, info.product_name
